@@ -1,0 +1,297 @@
+"""First-order preconditioning and hypergradient descent as optax transformations.
+
+References:
+  Moskovitz et al., `First-Order Preconditioning via Hypergradient Descent
+  <https://arxiv.org/abs/1910.08461>`_, 2019.
+
+  Baydin et al., `Online Learning Rate Adaptation with Hypergradient Descent
+  <https://arxiv.org/abs/1703.04782>`_, ICLR 2018.
+
+  Almeida et al., Parameter adaptation in stochastic optimization, 1998.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+
+from fop_optax import structures as structures_lib
+
+__all__ = ['FopState', 'scale_by_fop', 'HypergradientState', 'scale_by_hypergradient']
+
+
+class FopState(NamedTuple):
+  """State of :func:`scale_by_fop`.
+
+  Attributes:
+    count: number of updates applied so far (int32 scalar).
+    preconditioners: params-shaped tree holding each leaf's learned ``M``
+      (the (a×a) matrix for ``full``/``spatial``; ``(2, a, r)`` stacked
+      ``U, V`` for ``low_rank``; leaf-shaped for ``diagonal``; a scalar for
+      ``scalar``; an empty ``(0,)`` array for ``none``). Float32, or float64
+      for float64 parameters.
+    last_gradient: params-shaped tree of the previous gradient ``G_{t-1}``, in
+      the parameters' dtype (an empty ``(0,)`` array for ``none`` leaves).
+    hyper_state: state of the hyper-optimiser that trains the preconditioners.
+  """
+
+  count: jax.Array
+  preconditioners: optax.Params
+  last_gradient: optax.Updates
+  hyper_state: optax.OptState
+
+
+def _check_number(name: str, value: Any, *, allow_zero: bool) -> None:
+  # Only Python numbers are checked: arrays may be tracers (inject_hyperparams).
+  if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    if value < 0 or (value == 0 and not allow_zero):
+      bound = '>= 0' if allow_zero else '> 0'
+      raise ValueError(f'{name} must be {bound}, got {value}')
+
+
+def _matrix_dtype(leaf_dtype, matrix_dtype) -> jnp.dtype:
+  if matrix_dtype is not None:
+    return jnp.dtype(matrix_dtype)
+  # float32 for bf16/f16/f32 leaves; float64 leaves keep their precision.
+  return jnp.promote_types(jnp.float32, leaf_dtype)
+
+
+def _check_tree_matches(updates, last_gradient) -> None:
+  expected = jax.tree.structure(last_gradient)
+  got = jax.tree.structure(updates)
+  if expected != got:
+    raise ValueError(
+        'scale_by_fop: the updates tree does not match the tree the state was '
+        f'initialised with.\n  init: {expected}\n  update: {got}')
+
+
+def scale_by_fop(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    hyper_learning_rate: float = 1e-4,
+    hyper_optimizer: Optional[optax.GradientTransformation] = None,
+    structures: Any = None,
+    *,
+    max_full_dim: int = 64,
+    rank: int = 8,
+    normalize: bool = False,
+    matrix_dtype: Optional[Any] = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""First-order preconditioning: replaces each gradient ``g`` by ``P·g``, ``P = MᵀM``.
+
+  Each leaf's gradient is viewed as a matrix ``G`` (see :mod:`fop_optax.structures`)
+  and preconditioned by a learned positive semi-definite ``P = MᵀM`` that starts
+  at the identity. The update that follows (e.g. ``optax.sgd(η, momentum)``)
+  takes ``θ_t = θ_{t-1} − η·P·G_{t-1}``, so the loss at step ``t`` is a function
+  of ``M_{t-1}`` with gradient (chain rule, exact):
+
+  .. math::
+    \frac{∂J(θ_t)}{∂M_{t-1}} = −η\, M_{t-1}\,(G_t G_{t-1}^⊤ + G_{t-1} G_t^⊤).
+
+  On each call the transformation forms this hypergradient from the incoming
+  gradient ``G_t`` and the stored ``G_{t-1}``, lets ``hyper_optimizer`` update
+  ``M``, then returns ``P_t·G_t`` and stores ``G_t``. No extra forward pass is
+  needed. On the first call there is no previous step: ``M`` and the
+  hyper-optimiser's state are left untouched, so the first update is exactly
+  the base optimiser's. With momentum the online hypergradient is the same
+  formula (only the newest term of the velocity depends on ``M_{t-1}``).
+
+  Place it *before* the step that applies the learning rate::
+
+    optax.chain(fop_optax.scale_by_fop(0.05), optax.sgd(0.05, momentum=0.9))
+
+  Non-finite gradients are not filtered here: a NaN in ``G_t`` makes that
+  step's update and ``M`` NaN. The aliases (:func:`fop_optax.fop`, ...) skip
+  such steps; wrap this transformation in ``optax.apply_if_finite`` to do the
+  same by hand.
+
+  Args:
+    learning_rate: ``η`` of the step that follows (a float or an optax
+      schedule, evaluated at the previous step's count). With an adaptive
+      hyper-optimiser such as Adam its scale cancels; with SGD it does not.
+    hyper_learning_rate: learning rate of the default hyper-optimiser
+      ``optax.adam(hyper_learning_rate)``; ignored if ``hyper_optimizer`` is given.
+    hyper_optimizer: any optax transformation used to train the ``M``s (its
+      ``params`` are the ``M``s; it sees the hypergradients as gradients).
+    structures: which preconditioner each leaf gets: ``None`` for the default
+      rule, a label (``'auto'``, ``'none'``, ``'scalar'``, ``'diagonal'``,
+      ``'full'``, ``'spatial'``, ``'low_rank'``) or a
+      :class:`~fop_optax.structures.Structure` for all leaves, a pytree prefix
+      of the params with such leaves, or a callable ``params -> such a tree``.
+    max_full_dim: default rule: a dense kernel ``(in, out)`` gets a full
+      ``in×in`` matrix when ``in <= max_full_dim``, a low-rank one otherwise.
+    rank: rank of the low-rank form.
+    normalize: FOP-norm for structures chosen by the default rule or by label:
+      ``P`` is rescaled to unit mean eigenvalue so that it only rotates.
+    matrix_dtype: dtype of the ``M``s; default float32 (float64 for float64 leaves).
+    seed: seeds the fixed random basis ``U`` of low-rank preconditioners.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`FopState`.
+
+  References:
+    Moskovitz et al., `First-Order Preconditioning via Hypergradient Descent
+    <https://arxiv.org/abs/1910.08461>`_, 2019
+  """
+  if not callable(learning_rate):
+    _check_number('learning_rate', learning_rate, allow_zero=False)
+  _check_number('hyper_learning_rate', hyper_learning_rate, allow_zero=True)
+  if hyper_optimizer is None:
+    hyper_optimizer = optax.adam(hyper_learning_rate)
+  rule = dict(max_full_dim=max_full_dim, rank=rank, normalize=normalize)
+
+  def resolve(tree):
+    return structures_lib.resolve_structures(tree, structures, **rule)
+
+  def init_fn(params):
+    structs = resolve(params)
+    leaves, treedef = jax.tree.flatten(params)
+    structs = treedef.flatten_up_to(structs)
+    key = jax.random.key(seed)
+    ms, grads = [], []
+    for i, (s, p) in enumerate(zip(structs, leaves)):
+      shape = tuple(p.shape)
+      ms.append(s.init(shape, _matrix_dtype(p.dtype, matrix_dtype),
+                       jax.random.fold_in(key, i)))
+      grads.append(jnp.zeros(shape if s.stores_gradient else (0,), p.dtype))
+    preconditioners = treedef.unflatten(ms)
+    return FopState(
+        count=jnp.zeros([], jnp.int32),
+        preconditioners=preconditioners,
+        last_gradient=treedef.unflatten(grads),
+        hyper_state=hyper_optimizer.init(preconditioners),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    _check_tree_matches(updates, state.last_gradient)
+    structs = resolve(updates)
+    if callable(learning_rate):
+      # η of the step that produced θ_t, i.e. the previous call's.
+      eta = learning_rate(jnp.maximum(state.count - 1, 0))
+    else:
+      eta = learning_rate
+    chex.assert_rank(eta, 0)
+
+    hypergrads = jax.tree.map(
+        lambda s, m, g, gp: s.hypergradient(m, g, gp, eta).astype(m.dtype),
+        structs, state.preconditioners, updates, state.last_gradient)
+    hyper_updates, hyper_state = hyper_optimizer.update(
+        hypergrads, state.hyper_state, state.preconditioners)
+    preconditioners = optax.apply_updates(state.preconditioners, hyper_updates)
+    # The first call has no previous step to learn from.
+    first = state.count == 0
+    preconditioners, hyper_state = optax.tree.where(
+        first, (state.preconditioners, state.hyper_state),
+        (preconditioners, hyper_state))
+
+    new_updates = jax.tree.map(
+        lambda s, m, g: s.precondition(m, g), structs, preconditioners, updates)
+    last_gradient = jax.tree.map(
+        lambda s, g, old: g.astype(old.dtype) if s.stores_gradient else old,
+        structs, updates, state.last_gradient)
+    return new_updates, FopState(
+        count=numerics.safe_increment(state.count),
+        preconditioners=preconditioners,
+        last_gradient=last_gradient,
+        hyper_state=hyper_state,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class HypergradientState(NamedTuple):
+  """State of :func:`scale_by_hypergradient`.
+
+  Attributes:
+    count: number of updates applied so far (int32 scalar).
+    learning_rates: params-shaped tree of the learned step sizes ``α``: a
+      scalar per leaf, or an array of the leaf's shape with ``per_parameter``.
+    last_direction: the previous update direction ``u_{t-1}``.
+    inner_state: state of the transformation that makes the direction.
+  """
+
+  count: jax.Array
+  learning_rates: optax.Params
+  last_direction: optax.Updates
+  inner_state: optax.OptState
+
+
+def scale_by_hypergradient(
+    learning_rate: float,
+    hyper_learning_rate: float,
+    direction: Optional[optax.GradientTransformation] = None,
+    *,
+    per_parameter: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Hypergradient descent on the step size (Baydin et al., 2018).
+
+  ``direction`` turns the gradient ``g_t`` into an update direction ``u_t``
+  (the identity for SGD, momentum, or ``optax.scale_by_adam()`` for Adam). The
+  transformation returns ``α_t·u_t``, where the step size ``α`` follows its own
+  online hypergradient: since ``θ_t = θ_{t-1} − α·u_{t-1}``,
+  ``∂J(θ_t)/∂α = −g_t·u_{t-1}`` and
+
+  .. math::
+    α_t = α_{t-1} + β\, g_t · u_{t-1}.
+
+  With ``per_parameter=False`` there is one ``α`` per leaf (layer-wise, the
+  FOP paper's S-HD) and ``g·u`` is summed over the leaf; with ``True`` one per
+  parameter (PP-HD). Chain with ``optax.scale(-1)`` for descent (the aliases
+  :func:`fop_optax.sgd_hd` and :func:`fop_optax.adam_hd` do).
+
+  Args:
+    learning_rate: the initial step size ``α_0``.
+    hyper_learning_rate: ``β``, the step size of the step size.
+    direction: the transformation giving ``u``; default ``optax.identity()``.
+    per_parameter: one ``α`` per parameter instead of one per leaf.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`HypergradientState`.
+
+  References:
+    Baydin et al., `Online Learning Rate Adaptation with Hypergradient Descent
+    <https://arxiv.org/abs/1703.04782>`_, ICLR 2018
+  """
+  _check_number('learning_rate', learning_rate, allow_zero=False)
+  _check_number('hyper_learning_rate', hyper_learning_rate, allow_zero=True)
+  direction = optax.with_extra_args_support(direction or optax.identity())
+
+  def init_fn(params):
+    def init_rate(path, p):
+      structures_lib.check_leaf_dtype(path, p)
+      shape = tuple(p.shape) if per_parameter else ()
+      return jnp.full(shape, learning_rate, _matrix_dtype(p.dtype, None))
+    return HypergradientState(
+        count=jnp.zeros([], jnp.int32),
+        learning_rates=jax.tree_util.tree_map_with_path(init_rate, params),
+        last_direction=optax.tree.zeros_like(params),
+        inner_state=direction.init(params),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _check_tree_matches(updates, state.last_direction)
+
+    def step_size(alpha, g, u_prev):
+      h = g.astype(alpha.dtype) * u_prev.astype(alpha.dtype)
+      return alpha + hyper_learning_rate * (h if per_parameter else jnp.sum(h))
+
+    rates = jax.tree.map(step_size, state.learning_rates, updates, state.last_direction)
+    directions, inner_state = direction.update(
+        updates, state.inner_state, params, **extra_args)
+    new_updates = jax.tree.map(
+        lambda a, u: (a * u.astype(a.dtype)).astype(u.dtype), rates, directions)
+    return new_updates, HypergradientState(
+        count=numerics.safe_increment(state.count),
+        learning_rates=rates,
+        last_direction=optax.tree.cast_like(directions, state.last_direction),
+        inner_state=inner_state,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
