@@ -40,8 +40,8 @@ def fop(
     structures: Any = None,
     *,
     normalize: bool = False,
-    max_full_dim: int = 64,
-    rank: int = 8,
+    max_full_dim: Optional[int] = None,
+    rank: Optional[int] = None,
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum on FOP-preconditioned gradients (the paper's main set-up).
@@ -58,8 +58,8 @@ def fop(
     hyper_optimizer: replaces ``optax.adam(hyper_learning_rate)``.
     structures: per-leaf structures, see :func:`fop_optax.scale_by_fop`.
     normalize: FOP-norm (``P`` only rotates).
-    max_full_dim: default rule's size limit for full matrices.
-    rank: rank of low-rank preconditioners.
+    max_full_dim: default rule's size limit for full matrices (default 64).
+    rank: rank of low-rank preconditioners (default 8).
     skip_nonfinite: skip steps with NaN/Inf gradients (see
       :func:`fop_optax.skip_nonfinite`).
 
@@ -85,8 +85,8 @@ def fop_adam(
     structures: Any = None,
     *,
     normalize: bool = False,
-    max_full_dim: int = 64,
-    rank: int = 8,
+    max_full_dim: Optional[int] = None,
+    rank: Optional[int] = None,
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam on FOP-preconditioned gradients: ``optax.adam`` fed ``P·g``.

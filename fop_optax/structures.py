@@ -331,9 +331,15 @@ _BY_NAME: dict[str, Callable[[], Structure]] = {
 STRUCTURE_NAMES: tuple[str, ...] = ('auto',) + tuple(_BY_NAME)
 
 
-def default_structure(shape: Shape, *, max_full_dim: int = 64, rank: int = 8,
-                      normalize: bool = False) -> Structure:
-  """The default rule: see the module docstring."""
+DEFAULT_MAX_FULL_DIM = 64
+DEFAULT_RANK = 8
+
+
+def default_structure(shape: Shape, *, max_full_dim: int | None = None,
+                      rank: int | None = None, normalize: bool = False) -> Structure:
+  """The default rule: see the module docstring (``None`` means the default value)."""
+  max_full_dim = DEFAULT_MAX_FULL_DIM if max_full_dim is None else max_full_dim
+  rank = DEFAULT_RANK if rank is None else rank
   if len(shape) <= 1 or math.prod(shape) == 0:
     return NoPreconditioner()
   if len(shape) == 2:
@@ -353,7 +359,8 @@ def as_structure(spec: Any, shape: Shape, **rule_kwargs) -> Structure:
     if spec in _BY_NAME:
       normalize = rule_kwargs.get('normalize', False)
       if spec == 'low_rank':
-        return LowRank(rank=rule_kwargs.get('rank', 8), normalize=normalize)
+        rank = rule_kwargs.get('rank')
+        return LowRank(rank=DEFAULT_RANK if rank is None else rank, normalize=normalize)
       if spec in ('full', 'spatial'):
         return _BY_NAME[spec](normalize=normalize)
       return _BY_NAME[spec]()
@@ -399,6 +406,12 @@ def resolve_structures(params: Any, structures: Any = None, **rule_kwargs) -> An
     ValueError: a structure does not fit its leaf's shape, or the tree of
       structures does not match the parameters.
   """
+  for name in ('max_full_dim', 'rank'):
+    value = rule_kwargs.get(name)
+    if value is not None and not isinstance(value, int):
+      raise TypeError(
+          f'{name} must be a Python int (it sets array shapes), got {value!r}; '
+          f'with optax.inject_hyperparams pass static_args=({name!r},)')
   if callable(structures) and not isinstance(structures, Structure):
     structures = structures(params)
   if structures is None:

@@ -77,11 +77,11 @@ def scale_by_fop(
     hyper_optimizer: Optional[optax.GradientTransformation] = None,
     structures: Any = None,
     *,
-    max_full_dim: int = 64,
-    rank: int = 8,
+    max_full_dim: Optional[int] = None,
+    rank: Optional[int] = None,
     normalize: bool = False,
     matrix_dtype: Optional[Any] = None,
-    seed: int = 0,
+    seed: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""First-order preconditioning: replaces each gradient ``g`` by ``P·g``, ``P = MᵀM``.
 
@@ -125,12 +125,15 @@ def scale_by_fop(
       :class:`~fop_optax.structures.Structure` for all leaves, a pytree prefix
       of the params with such leaves, or a callable ``params -> such a tree``.
     max_full_dim: default rule: a dense kernel ``(in, out)`` gets a full
-      ``in×in`` matrix when ``in <= max_full_dim``, a low-rank one otherwise.
-    rank: rank of the low-rank form.
+      ``in×in`` matrix when ``in <= max_full_dim`` (default 64), a low-rank
+      one otherwise. ``None`` (not an int default) so that
+      ``optax.inject_hyperparams`` leaves it static.
+    rank: rank of the low-rank form (default 8).
     normalize: FOP-norm for structures chosen by the default rule or by label:
       ``P`` is rescaled to unit mean eigenvalue so that it only rotates.
     matrix_dtype: dtype of the ``M``s; default float32 (float64 for float64 leaves).
-    seed: seeds the fixed random basis ``U`` of low-rank preconditioners.
+    seed: seeds the fixed random basis ``U`` of low-rank preconditioners
+      (default 0).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`FopState`.
@@ -153,7 +156,7 @@ def scale_by_fop(
     structs = resolve(params)
     leaves, treedef = jax.tree.flatten(params)
     structs = treedef.flatten_up_to(structs)
-    key = jax.random.key(seed)
+    key = jax.random.key(0 if seed is None else seed)
     ms, grads = [], []
     for i, (s, p) in enumerate(zip(structs, leaves)):
       shape = tuple(p.shape)
