@@ -438,3 +438,8 @@ def resolve_structures(params: Any, structures: Any = None, **rule_kwargs) -> An
     return structure
 
   return jax.tree_util.tree_map_with_path(one, params, specs)
+
+
+def leaf_paths(tree: Any) -> list[str]:
+  """Readable paths of a tree's leaves, for error messages."""
+  return [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import numbers
 from typing import Any, NamedTuple, Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -62,13 +61,23 @@ def _matrix_dtype(leaf_dtype, matrix_dtype) -> jnp.dtype:
   return jnp.promote_types(jnp.float32, leaf_dtype)
 
 
-def _check_tree_matches(updates, last_gradient) -> None:
-  expected = jax.tree.structure(last_gradient)
-  got = jax.tree.structure(updates)
+def _check_tree_matches(name: str, updates, reference) -> None:
+  """Raises if ``updates`` is not shaped like the tree the state was built for.
+
+  ``reference`` is a params-shaped state field; its ``(0,)`` placeholders (leaves
+  that keep nothing) are not compared.
+  """
+  expected, got = jax.tree.structure(reference), jax.tree.structure(updates)
   if expected != got:
     raise ValueError(
-        'scale_by_fop: the updates tree does not match the tree the state was '
+        f'{name}: the updates tree does not match the tree the state was '
         f'initialised with.\n  init: {expected}\n  update: {got}')
+  for path, u, ref in zip(
+      structures_lib.leaf_paths(updates), jax.tree.leaves(updates), jax.tree.leaves(reference)):
+    if ref.shape != (0,) and u.shape != ref.shape:
+      raise ValueError(
+          f'{name}: update {path} has shape {u.shape} but the state was '
+          f'initialised for shape {ref.shape}')
 
 
 def scale_by_fop(
@@ -173,14 +182,16 @@ def scale_by_fop(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _check_tree_matches(updates, state.last_gradient)
+    _check_tree_matches('scale_by_fop', updates, state.last_gradient)
     structs = resolve(updates)
     if callable(learning_rate):
       # η of the step that produced θ_t, i.e. the previous call's.
       eta = learning_rate(jnp.maximum(state.count - 1, 0))
     else:
       eta = learning_rate
-    chex.assert_rank(eta, 0)
+    if jnp.ndim(eta) != 0:
+      raise ValueError(
+          f'learning_rate must be a scalar (or a schedule returning one), got shape {jnp.shape(eta)}')
 
     hypergrads = jax.tree.map(
         lambda s, m, g, gp: s.hypergradient(m, g, gp, eta).astype(m.dtype),
@@ -279,7 +290,7 @@ def scale_by_hypergradient(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    _check_tree_matches(updates, state.last_direction)
+    _check_tree_matches('scale_by_hypergradient', updates, state.last_direction)
 
     def step_size(alpha, g, u_prev):
       h = g.astype(alpha.dtype) * u_prev.astype(alpha.dtype)
