@@ -100,17 +100,31 @@ class Structure:
     """Returns ``P`` for diagnostics: dense (a×a), or elementwise for diagonal forms."""
     raise NotImplementedError
 
+  def clip(self, m: jax.Array, max_scale: float) -> jax.Array:
+    """Rescales ``m`` so that ``P`` amplifies gradients by at most ``max_scale``.
+
+    The bound is on each eigenvalue for ``scalar``/``diagonal``/``low_rank``
+    and on the mean eigenvalue ``tr(P)/a`` for ``full``/``spatial`` (their
+    identity start has ``tr(P)/a = 1``). An ``m`` within the bound is unchanged.
+    """
+    del max_scale
+    return m
+
 
 @dataclasses.dataclass(frozen=True)
 class NoPreconditioner(Structure):
-  """``P = I``: the leaf passes through and no gradient is stored for it."""
+  """``P = I``: the leaf passes through and no gradient is stored for it.
+
+  Its state entries are scalar placeholders (not zero-size arrays, which
+  Orbax refuses to checkpoint).
+  """
 
   name: ClassVar[str] = 'none'
   stores_gradient: ClassVar[bool] = False
 
   def init(self, shape, dtype, key):
     del shape, key
-    return jnp.zeros((0,), dtype)
+    return jnp.zeros((), dtype)
 
   def precondition(self, m, g):
     del m
@@ -146,6 +160,10 @@ class Scalar(Structure):
   def matrix(self, m, shape):
     return jnp.square(m) * jnp.ones(shape, m.dtype)
 
+  def clip(self, m, max_scale):
+    bound = jnp.sqrt(jnp.asarray(max_scale, m.dtype))
+    return jnp.clip(m, -bound, bound)
+
 
 @dataclasses.dataclass(frozen=True)
 class Diagonal(Structure):
@@ -166,6 +184,8 @@ class Diagonal(Structure):
   def matrix(self, m, shape):
     del shape
     return jnp.square(m)
+
+  clip = Scalar.clip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +238,10 @@ class Full(Structure):
   def matrix(self, m, shape):
     del shape
     return self._p(m)
+
+  def clip(self, m, max_scale):
+    mean_eig = _trace_of_mtm(m) / max(m.shape[0], 1)
+    return m * jnp.sqrt(jnp.minimum(1.0, max_scale / mean_eig)).astype(m.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +341,14 @@ class LowRank(Structure):
     mm = self._m(m, jnp.eye(m.shape[1], dtype=m.dtype))
     s, _ = self._scale(m)
     return s * (mm.T @ mm)
+
+  def clip(self, m, max_scale):
+    # ‖M‖₂ ≤ 1 + ‖UVᵀ‖_F, so ‖UVᵀ‖_F ≤ √max_scale − 1 bounds every eigenvalue of P.
+    u, v = m[0], m[1]
+    norm = jnp.sqrt(jnp.maximum(jnp.vdot(u.T @ u, v.T @ v), 0.0))
+    limit = jnp.maximum(jnp.sqrt(jnp.asarray(max_scale, m.dtype)) - 1, 0.0)
+    c = jnp.minimum(1.0, limit / jnp.maximum(norm, jnp.finfo(m.dtype).tiny))
+    return jnp.stack([u, c * v])
 
 
 def _trace_of_mtm(m):

@@ -33,10 +33,10 @@ class FopState(NamedTuple):
     preconditioners: params-shaped tree holding each leaf's learned ``M``
       (the (a×a) matrix for ``full``/``spatial``; ``(2, a, r)`` stacked
       ``U, V`` for ``low_rank``; leaf-shaped for ``diagonal``; a scalar for
-      ``scalar``; an empty ``(0,)`` array for ``none``). Float32, or float64
+      ``scalar``; a scalar placeholder for ``none``). Float32, or float64
       for float64 parameters.
     last_gradient: params-shaped tree of the previous gradient ``G_{t-1}``, in
-      the parameters' dtype (an empty ``(0,)`` array for ``none`` leaves).
+      the parameters' dtype (a scalar placeholder for ``none`` leaves).
     hyper_state: state of the hyper-optimiser that trains the preconditioners.
   """
 
@@ -61,20 +61,21 @@ def _matrix_dtype(leaf_dtype, matrix_dtype) -> jnp.dtype:
   return jnp.promote_types(jnp.float32, leaf_dtype)
 
 
-def _check_tree_matches(name: str, updates, reference) -> None:
+def _check_tree_matches(name: str, updates, reference, compare=None) -> None:
   """Raises if ``updates`` is not shaped like the tree the state was built for.
 
-  ``reference`` is a params-shaped state field; its ``(0,)`` placeholders (leaves
-  that keep nothing) are not compared.
+  ``reference`` is a params-shaped state field; where the params-shaped
+  boolean tree ``compare`` is False (placeholders) shapes are not compared.
   """
   expected, got = jax.tree.structure(reference), jax.tree.structure(updates)
   if expected != got:
     raise ValueError(
         f'{name}: the updates tree does not match the tree the state was '
         f'initialised with.\n  init: {expected}\n  update: {got}')
-  for path, u, ref in zip(
-      structures_lib.leaf_paths(updates), jax.tree.leaves(updates), jax.tree.leaves(reference)):
-    if ref.shape != (0,) and u.shape != ref.shape:
+  compare = [True] * expected.num_leaves if compare is None else expected.flatten_up_to(compare)
+  for path, u, ref, check in zip(structures_lib.leaf_paths(updates), jax.tree.leaves(updates),
+                                 jax.tree.leaves(reference), compare):
+    if check and u.shape != ref.shape:
       raise ValueError(
           f'{name}: update {path} has shape {u.shape} but the state was '
           f'initialised for shape {ref.shape}')
@@ -91,6 +92,7 @@ def scale_by_fop(
     normalize: bool = False,
     matrix_dtype: Optional[Any] = None,
     seed: Optional[int] = None,
+    max_scale: Optional[float] = 100.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""First-order preconditioning: replaces each gradient ``g`` by ``P·g``, ``P = MᵀM``.
 
@@ -143,6 +145,12 @@ def scale_by_fop(
     matrix_dtype: dtype of the ``M``s; default float32 (float64 for float64 leaves).
     seed: seeds the fixed random basis ``U`` of low-rank preconditioners
       (default 0).
+    max_scale: guard against ``M`` blowing up: after each hyper step ``M`` is
+      rescaled so that ``P`` amplifies gradients at most ``max_scale`` times
+      (every eigenvalue for scalar/diagonal/low-rank, the mean eigenvalue
+      ``tr(P)/a`` for full/spatial; see ``Structure.clip``). A ``P`` within
+      the bound is untouched, so the paper's algorithm is unchanged until
+      then. ``None`` disables it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`FopState`.
@@ -154,6 +162,8 @@ def scale_by_fop(
   if not callable(learning_rate):
     _check_number('learning_rate', learning_rate, allow_zero=False)
   _check_number('hyper_learning_rate', hyper_learning_rate, allow_zero=True)
+  if max_scale is not None:
+    _check_number('max_scale', max_scale, allow_zero=False)
   if hyper_optimizer is None:
     hyper_optimizer = optax.adam(hyper_learning_rate)
   rule = dict(max_full_dim=max_full_dim, rank=rank, normalize=normalize)
@@ -171,7 +181,7 @@ def scale_by_fop(
       shape = tuple(p.shape)
       ms.append(s.init(shape, _matrix_dtype(p.dtype, matrix_dtype),
                        jax.random.fold_in(key, i)))
-      grads.append(jnp.zeros(shape if s.stores_gradient else (0,), p.dtype))
+      grads.append(jnp.zeros(shape if s.stores_gradient else (), p.dtype))
     preconditioners = treedef.unflatten(ms)
     return FopState(
         count=jnp.zeros([], jnp.int32),
@@ -182,8 +192,9 @@ def scale_by_fop(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _check_tree_matches('scale_by_fop', updates, state.last_gradient)
     structs = resolve(updates)
+    _check_tree_matches('scale_by_fop', updates, state.last_gradient,
+                        jax.tree.map(lambda s: s.stores_gradient, structs))
     if callable(learning_rate):
       # η of the step that produced θ_t, i.e. the previous call's.
       eta = learning_rate(jnp.maximum(state.count - 1, 0))
@@ -199,6 +210,9 @@ def scale_by_fop(
     hyper_updates, hyper_state = hyper_optimizer.update(
         hypergrads, state.hyper_state, state.preconditioners)
     preconditioners = optax.apply_updates(state.preconditioners, hyper_updates)
+    if max_scale is not None:
+      preconditioners = jax.tree.map(
+          lambda s, m: s.clip(m, max_scale), structs, preconditioners)
     # The first call has no previous step to learn from.
     first = state.count == 0
     preconditioners, hyper_state = optax.tree.where(

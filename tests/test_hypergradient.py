@@ -59,7 +59,9 @@ def test_hypergradient_equals_autodiff(name, structure, shape):
   m_start = random_m(structure, shape, k3)
   grad = jax.grad(loss)
 
-  tx = fop_optax.scale_by_fop(ETA, hyper_optimizer=optax.sgd(1.0), structures=structure)
+  # max_scale=None: read the raw hyper step, not the blow-up guard's rescaling.
+  tx = fop_optax.scale_by_fop(ETA, hyper_optimizer=optax.sgd(1.0), structures=structure,
+                              max_scale=None)
   state = tx.init(theta0)
   state = state._replace(preconditioners=m_start)
   g0 = grad(theta0, target)
@@ -126,3 +128,18 @@ def test_baydin_step_size_hypergradient(per_parameter):
   else:
     dj = jax.grad(lambda a: loss(theta0 - a * g0, target))(alpha0)
   np.testing.assert_allclose(state.learning_rates, alpha0 - beta * dj, rtol=1e-12)
+
+
+@pytest.mark.parametrize('name,structure,shape', CASES, ids=[c[0] for c in CASES])
+def test_clip_bounds_p_and_keeps_small_m(name, structure, shape):
+  key = jax.random.key(11)
+  m0 = structure.init(shape, jnp.float64, key)
+  np.testing.assert_array_equal(structure.clip(m0, 100.0), m0)  # P = I is within bounds
+  huge = m0 + 50.0 * jax.random.normal(key, m0.shape, m0.dtype)
+  p = structure.matrix(structure.clip(huge, 4.0), shape)
+  if isinstance(structure, (S.Diagonal, S.Scalar)):
+    assert float(p.max()) <= 4.0 + 1e-9
+  elif isinstance(structure, S.LowRank):
+    assert float(jnp.linalg.eigvalsh(p).max()) <= 4.0 * (1 + 1e-9)
+  else:
+    assert float(jnp.trace(p)) / p.shape[0] <= 4.0 * (1 + 1e-9)
