@@ -31,14 +31,19 @@ def find_fop_state(opt_state: optax.OptState) -> FopState:
   return found[0]
 
 
-def _per_leaf(fn, opt_state, params, structures, rule_kwargs, *trees):
+def _per_leaf(fn, opt_state, params, structures, rule_kwargs):
+  """Applies ``fn(structure, leaf, m)`` per preconditioned leaf.
+
+  Returns a tree shaped like the state's preconditioners (``None`` where a
+  leaf is not preconditioned).
+  """
   state = find_fop_state(opt_state)
-  structs = structures_lib.resolve_structures(params, structures, **rule_kwargs)
-  def one(s, p, m, *rest):
-    if isinstance(s, structures_lib.NoPreconditioner):
-      return None
-    return fn(s, p, m, *rest)
-  return jax.tree.map(one, structs, params, state.preconditioners, *trees)
+  structs = jax.tree.leaves(structures_lib.resolve_structures(params, structures, **rule_kwargs))
+  results = [
+      None if isinstance(s, structures_lib.NoPreconditioner) else fn(s, p, m)
+      for s, p, m in zip(structs, jax.tree.leaves(params),
+                         jax.tree.leaves(state.preconditioners))]
+  return jax.tree.structure(state.preconditioners).unflatten(results)
 
 
 def preconditioner_matrices(opt_state, params, structures=None, **rule_kwargs) -> Any:

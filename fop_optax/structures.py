@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -63,6 +64,24 @@ def _rows(shape: Shape, row_axes: int) -> int:
   return math.prod(shape[:row_axes])
 
 
+def _replicated():
+  """``out_sharding`` for products that contract a (possibly sharded) leaf axis.
+
+  Under a mesh with explicit axes JAX cannot guess the sharding of such a
+  product; FOP's matrices are small, so they are replicated. Elsewhere ``None``
+  leaves the choice to the compiler.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    return None
+  return jax.sharding.PartitionSpec()
+
+
+def _contract_cols(x: jax.Array, y: jax.Array) -> jax.Array:
+  """``x @ yᵀ`` for two (a, b) / (c, b) views: sums over the leaf's columns."""
+  return jnp.matmul(x, y.T, out_sharding=_replicated())
+
+
 def as_matrix(x: jax.Array, row_axes: int) -> jax.Array:
   """Views a leaf as an ``(a, b)`` matrix, rows = its first ``row_axes`` axes."""
   return x.reshape(_rows(x.shape, row_axes), math.prod(x.shape[row_axes:]))
@@ -77,8 +96,6 @@ class Structure:
   """
 
   name: ClassVar[str]
-  #: Whether the transformation has to keep the previous gradient for the leaf.
-  stores_gradient: ClassVar[bool] = True
 
   def validate(self, shape: Shape) -> None:
     """Raises ``ValueError`` if the structure cannot serve a leaf of ``shape``."""
@@ -113,14 +130,13 @@ class Structure:
 
 @dataclasses.dataclass(frozen=True)
 class NoPreconditioner(Structure):
-  """``P = I``: the leaf passes through and no gradient is stored for it.
+  """``P = I``: the leaf passes through unchanged.
 
-  Its state entries are scalar placeholders (not zero-size arrays, which
-  Orbax refuses to checkpoint).
+  Its ``m`` is a scalar placeholder (not a zero-size array, which Orbax
+  refuses to checkpoint).
   """
 
   name: ClassVar[str] = 'none'
-  stores_gradient: ClassVar[bool] = False
 
   def init(self, shape, dtype, key):
     del shape, key
@@ -226,7 +242,7 @@ class Full(Structure):
 
   def hypergradient(self, m, g, g_prev, learning_rate):
     rows = self._row_axes(g.shape)
-    c = as_matrix(g.astype(m.dtype), rows) @ as_matrix(g_prev.astype(m.dtype), rows).T
+    c = _contract_cols(as_matrix(g.astype(m.dtype), rows), as_matrix(g_prev.astype(m.dtype), rows))
     grad = m @ (c + c.T)
     if self.normalize:
       # P̃ = s·P with s = a/t, t = tr(P) = ‖M‖²_F, so
@@ -326,7 +342,7 @@ class LowRank(Structure):
     # With H = ∂J/∂M = −η M S, S = G_t G_pᵀ + G_p G_tᵀ (never formed):
     # ∂J/∂U = H V = −η M (S V) and ∂J/∂V = Hᵀ U = −η S (Mᵀ U).
     x = jnp.concatenate([v, self._mt(m, u)], axis=1)
-    sx = gt @ (gp.T @ x) + gp @ (gt.T @ x)
+    sx = _contract_cols(gt, (gp.T @ x).T) + _contract_cols(gp, (gt.T @ x).T)
     r = u.shape[1]
     du, dv = self._m(m, sx[:, :r]), sx[:, r:]
     s, t = self._scale(m)
@@ -475,3 +491,25 @@ def resolve_structures(params: Any, structures: Any = None, **rule_kwargs) -> An
 def leaf_paths(tree: Any) -> list[str]:
   """Readable paths of a tree's leaves, for error messages."""
   return [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _is_variable(x: Any) -> bool:
+  # Flax NNX wraps parameters in Variables that carry sharding metadata; only
+  # look for the class if flax is already imported (it is not a dependency).
+  nnx = sys.modules.get('flax.nnx')
+  return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def unwrapped_treedef(tree: Any) -> jax.tree_util.PyTreeDef:
+  """The tree's structure with Flax ``Variable`` wrappers dropped.
+
+  State that is not shaped like its parameter (FOP's matrices, per-leaf
+  scalars) is built on this structure, so that frameworks which copy a
+  parameter's sharding annotation onto every state entry under its
+  ``Variable`` (``nnx.Optimizer``) leave these entries unannotated
+  (replicated) instead of forcing a rank-mismatched partition spec on them.
+  """
+  treedef = jax.tree.structure(tree, is_leaf=_is_variable)
+  if treedef.num_leaves != jax.tree.structure(tree).num_leaves:
+    raise ValueError('every Variable in the parameters must hold exactly one array')
+  return treedef

@@ -30,13 +30,15 @@ class FopState(NamedTuple):
 
   Attributes:
     count: number of updates applied so far (int32 scalar).
-    preconditioners: params-shaped tree holding each leaf's learned ``M``
+    preconditioners: tree with the params' structure holding each leaf's
+      learned ``M`` (Flax ``Variable`` wrappers dropped, so that frameworks do
+      not copy a parameter's sharding onto it: it is replicated)
       (the (a×a) matrix for ``full``/``spatial``; ``(2, a, r)`` stacked
       ``U, V`` for ``low_rank``; leaf-shaped for ``diagonal``; a scalar for
       ``scalar``; a scalar placeholder for ``none``). Float32, or float64
       for float64 parameters.
     last_gradient: params-shaped tree of the previous gradient ``G_{t-1}``, in
-      the parameters' dtype (a scalar placeholder for ``none`` leaves).
+      the parameters' dtype.
     hyper_state: state of the hyper-optimiser that trains the preconditioners.
   """
 
@@ -61,21 +63,16 @@ def _matrix_dtype(leaf_dtype, matrix_dtype) -> jnp.dtype:
   return jnp.promote_types(jnp.float32, leaf_dtype)
 
 
-def _check_tree_matches(name: str, updates, reference, compare=None) -> None:
-  """Raises if ``updates`` is not shaped like the tree the state was built for.
-
-  ``reference`` is a params-shaped state field; where the params-shaped
-  boolean tree ``compare`` is False (placeholders) shapes are not compared.
-  """
+def _check_tree_matches(name: str, updates, reference) -> None:
+  """Raises if ``updates`` is not shaped like ``reference``, a params-shaped state field."""
   expected, got = jax.tree.structure(reference), jax.tree.structure(updates)
   if expected != got:
     raise ValueError(
         f'{name}: the updates tree does not match the tree the state was '
         f'initialised with.\n  init: {expected}\n  update: {got}')
-  compare = [True] * expected.num_leaves if compare is None else expected.flatten_up_to(compare)
-  for path, u, ref, check in zip(structures_lib.leaf_paths(updates), jax.tree.leaves(updates),
-                                 jax.tree.leaves(reference), compare):
-    if check and u.shape != ref.shape:
+  for path, u, ref in zip(structures_lib.leaf_paths(updates), jax.tree.leaves(updates),
+                          jax.tree.leaves(reference)):
+    if u.shape != ref.shape:
       raise ValueError(
           f'{name}: update {path} has shape {u.shape} but the state was '
           f'initialised for shape {ref.shape}')
@@ -172,29 +169,24 @@ def scale_by_fop(
     return structures_lib.resolve_structures(tree, structures, **rule)
 
   def init_fn(params):
-    structs = resolve(params)
-    leaves, treedef = jax.tree.flatten(params)
-    structs = treedef.flatten_up_to(structs)
+    structs = jax.tree.leaves(resolve(params))
     key = jax.random.key(0 if seed is None else seed)
-    ms, grads = [], []
-    for i, (s, p) in enumerate(zip(structs, leaves)):
-      shape = tuple(p.shape)
-      ms.append(s.init(shape, _matrix_dtype(p.dtype, matrix_dtype),
-                       jax.random.fold_in(key, i)))
-      grads.append(jnp.zeros(shape if s.stores_gradient else (), p.dtype))
-    preconditioners = treedef.unflatten(ms)
+    ms = [s.init(tuple(p.shape), _matrix_dtype(p.dtype, matrix_dtype), jax.random.fold_in(key, i))
+          for i, (s, p) in enumerate(zip(structs, jax.tree.leaves(params)))]
+    preconditioners = structures_lib.unwrapped_treedef(params).unflatten(ms)
     return FopState(
         count=jnp.zeros([], jnp.int32),
         preconditioners=preconditioners,
-        last_gradient=treedef.unflatten(grads),
+        # Params-shaped (and so sharded like the params), also for leaves whose
+        # structure does not need it, so that the tree needs no placeholders.
+        last_gradient=optax.tree.zeros_like(params),
         hyper_state=hyper_optimizer.init(preconditioners),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    structs = resolve(updates)
-    _check_tree_matches('scale_by_fop', updates, state.last_gradient,
-                        jax.tree.map(lambda s: s.stores_gradient, structs))
+    _check_tree_matches('scale_by_fop', updates, state.last_gradient)
+    structs = jax.tree.leaves(resolve(updates))
     if callable(learning_rate):
       # η of the step that produced θ_t, i.e. the previous call's.
       eta = learning_rate(jnp.maximum(state.count - 1, 0))
@@ -204,30 +196,32 @@ def scale_by_fop(
       raise ValueError(
           f'learning_rate must be a scalar (or a schedule returning one), got shape {jnp.shape(eta)}')
 
-    hypergrads = jax.tree.map(
-        lambda s, m, g, gp: s.hypergradient(m, g, gp, eta).astype(m.dtype),
-        structs, state.preconditioners, updates, state.last_gradient)
+    # Leaves are processed as aligned lists: the matrices' tree has the params'
+    # structure minus Flax Variable wrappers (see unwrapped_treedef).
+    m_def = jax.tree.structure(state.preconditioners)
+    ms, gs = jax.tree.leaves(state.preconditioners), jax.tree.leaves(updates)
+    hypergrads = m_def.unflatten([
+        s.hypergradient(m, g, gp, eta).astype(m.dtype)
+        for s, m, g, gp in zip(structs, ms, gs, jax.tree.leaves(state.last_gradient))])
     hyper_updates, hyper_state = hyper_optimizer.update(
         hypergrads, state.hyper_state, state.preconditioners)
     preconditioners = optax.apply_updates(state.preconditioners, hyper_updates)
     if max_scale is not None:
-      preconditioners = jax.tree.map(
-          lambda s, m: s.clip(m, max_scale), structs, preconditioners)
+      preconditioners = m_def.unflatten([
+          s.clip(m, max_scale) for s, m in zip(structs, jax.tree.leaves(preconditioners))])
     # The first call has no previous step to learn from.
     first = state.count == 0
     preconditioners, hyper_state = optax.tree.where(
         first, (state.preconditioners, state.hyper_state),
         (preconditioners, hyper_state))
 
-    new_updates = jax.tree.map(
-        lambda s, m, g: s.precondition(m, g), structs, preconditioners, updates)
-    last_gradient = jax.tree.map(
-        lambda s, g, old: g.astype(old.dtype) if s.stores_gradient else old,
-        structs, updates, state.last_gradient)
+    new_updates = jax.tree.structure(updates).unflatten([
+        s.precondition(m, g)
+        for s, m, g in zip(structs, jax.tree.leaves(preconditioners), gs)])
     return new_updates, FopState(
         count=numerics.safe_increment(state.count),
         preconditioners=preconditioners,
-        last_gradient=last_gradient,
+        last_gradient=optax.tree.cast_like(updates, state.last_gradient),
         hyper_state=hyper_state,
     )
 
@@ -294,11 +288,18 @@ def scale_by_hypergradient(
   def init_fn(params):
     def init_rate(path, p):
       structures_lib.check_leaf_dtype(path, p)
-      shape = tuple(p.shape) if per_parameter else ()
-      return jnp.full(shape, learning_rate, _matrix_dtype(p.dtype, None))
+      return jnp.full(p.shape, learning_rate, _matrix_dtype(p.dtype, None))
+    def init_scalar(path, p):
+      structures_lib.check_leaf_dtype(path, p)
+      return jnp.asarray(learning_rate, _matrix_dtype(p.dtype, None))
+    if per_parameter:
+      rates = jax.tree_util.tree_map_with_path(init_rate, params)
+    else:  # one scalar per leaf: not params-shaped, so not under Variable wrappers
+      rates = structures_lib.unwrapped_treedef(params).unflatten(
+          jax.tree.leaves(jax.tree_util.tree_map_with_path(init_scalar, params)))
     return HypergradientState(
         count=jnp.zeros([], jnp.int32),
-        learning_rates=jax.tree_util.tree_map_with_path(init_rate, params),
+        learning_rates=rates,
         last_direction=optax.tree.zeros_like(params),
         inner_state=direction.init(params),
     )
@@ -310,11 +311,16 @@ def scale_by_hypergradient(
       h = g.astype(alpha.dtype) * u_prev.astype(alpha.dtype)
       return alpha + hyper_learning_rate * (h if per_parameter else jnp.sum(h))
 
-    rates = jax.tree.map(step_size, state.learning_rates, updates, state.last_direction)
+    rate_def = jax.tree.structure(state.learning_rates)
+    rates = rate_def.unflatten([
+        step_size(a, g, u) for a, g, u in zip(jax.tree.leaves(state.learning_rates),
+                                              jax.tree.leaves(updates),
+                                              jax.tree.leaves(state.last_direction))])
     directions, inner_state = direction.update(
         updates, state.inner_state, params, **extra_args)
-    new_updates = jax.tree.map(
-        lambda a, u: (a * u.astype(a.dtype)).astype(u.dtype), rates, directions)
+    new_updates = jax.tree.structure(directions).unflatten([
+        (a * u.astype(a.dtype)).astype(u.dtype)
+        for a, u in zip(jax.tree.leaves(rates), jax.tree.leaves(directions))])
     return new_updates, HypergradientState(
         count=numerics.safe_increment(state.count),
         learning_rates=rates,
