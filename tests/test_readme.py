@@ -1,0 +1,28 @@
+"""Every Python snippet in the README runs, and the set-up commands match CI."""
+
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / 'README.md').read_text()
+SNIPPETS = re.findall(r'```python\n(.*?)```', README, flags=re.S)
+
+
+def test_readme_has_snippets():
+  assert len(SNIPPETS) >= 3
+
+
+@pytest.mark.parametrize('index', range(len(SNIPPETS)))
+def test_readme_snippet_runs(index):
+  exec(compile(SNIPPETS[index], f'README.md snippet {index}', 'exec'), {})
+
+
+def test_ci_runs_the_readme_test_command():
+  bash_blocks = re.findall(r'```bash\n(.*?)```', README, flags=re.S)
+  commands = [line for block in bash_blocks for line in block.splitlines()
+              if 'pytest' in line and not line.startswith('#')]
+  assert len(commands) == 1
+  assert commands[0].strip() in (ROOT / '.ci' / 'run').read_text()
+  assert any('examples/demo.py' in block for block in bash_blocks)
