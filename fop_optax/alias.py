@@ -31,6 +31,15 @@ def _finish(tx, skip_nonfinite: bool):
   return nonfinite.skip_nonfinite(tx) if skip_nonfinite else tx
 
 
+def _fop_then(base, learning_rate, hyper_learning_rate, hyper_optimizer, structures,
+              normalize, max_full_dim, rank, skip_nonfinite):
+  """FOP's preconditioning followed by ``base`` (which applies the learning rate)."""
+  fop_tx = transform.scale_by_fop(
+      learning_rate, hyper_learning_rate, hyper_optimizer, structures,
+      normalize=normalize, max_full_dim=max_full_dim, rank=rank)
+  return _finish(optax.chain(fop_tx, base), skip_nonfinite)
+
+
 def fop(
     learning_rate: optax.ScalarOrSchedule,
     momentum: Optional[float] = 0.9,
@@ -66,13 +75,9 @@ def fop(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  tx = optax.chain(
-      transform.scale_by_fop(
-          learning_rate, hyper_learning_rate, hyper_optimizer, structures,
-          normalize=normalize, max_full_dim=max_full_dim, rank=rank),
-      optax.sgd(learning_rate, _no_zero_momentum(momentum), nesterov),
-  )
-  return _finish(tx, skip_nonfinite)
+  return _fop_then(optax.sgd(learning_rate, _no_zero_momentum(momentum), nesterov),
+                   learning_rate, hyper_learning_rate, hyper_optimizer, structures,
+                   normalize, max_full_dim, rank, skip_nonfinite)
 
 
 def fop_adam(
@@ -103,13 +108,9 @@ def fop_adam(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  tx = optax.chain(
-      transform.scale_by_fop(
-          learning_rate, hyper_learning_rate, hyper_optimizer, structures,
-          normalize=normalize, max_full_dim=max_full_dim, rank=rank),
-      optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
-  )
-  return _finish(tx, skip_nonfinite)
+  return _fop_then(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
+                   learning_rate, hyper_learning_rate, hyper_optimizer, structures,
+                   normalize, max_full_dim, rank, skip_nonfinite)
 
 
 def _check_float_rate(learning_rate) -> None:

@@ -288,15 +288,11 @@ def scale_by_hypergradient(
   def init_fn(params):
     def init_rate(path, p):
       structures_lib.check_leaf_dtype(path, p)
-      return jnp.full(p.shape, learning_rate, _matrix_dtype(p.dtype, None))
-    def init_scalar(path, p):
-      structures_lib.check_leaf_dtype(path, p)
-      return jnp.asarray(learning_rate, _matrix_dtype(p.dtype, None))
-    if per_parameter:
-      rates = jax.tree_util.tree_map_with_path(init_rate, params)
-    else:  # one scalar per leaf: not params-shaped, so not under Variable wrappers
-      rates = structures_lib.unwrapped_treedef(params).unflatten(
-          jax.tree.leaves(jax.tree_util.tree_map_with_path(init_scalar, params)))
+      return jnp.full(p.shape if per_parameter else (), learning_rate,
+                      _matrix_dtype(p.dtype, None))
+    rates = jax.tree_util.tree_map_with_path(init_rate, params)
+    if not per_parameter:  # scalars are not params-shaped: drop Variable wrappers
+      rates = structures_lib.unwrapped_treedef(params).unflatten(jax.tree.leaves(rates))
     return HypergradientState(
         count=jnp.zeros([], jnp.int32),
         learning_rates=rates,
