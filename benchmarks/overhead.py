@@ -1,0 +1,304 @@
+"""FOP's cost next to its base optimiser: step time, update time and state memory.
+
+For each model the same jit-compiled training step (forward, backward,
+optimiser update, ``apply_updates``; parameters and state donated) is timed
+with ``optax.sgd(η, momentum=0.9)`` alone and with
+``optax.chain(fop_optax.scale_by_fop(η), optax.sgd(η, momentum=0.9))``.
+Repetitions are interleaved (the order rotates every repetition) and each
+FOP timing is divided by the momentum timing of the *same* repetition, so a
+noisy, shared machine slows both sides of a ratio alike. The table gives the
+median ratio with its min–max over repetitions.
+
+Models (plain JAX, Flax parameter layouts):
+
+* ``cnn``: the 9-layer all-convolutional net of Springenberg et al. (the FOP
+  paper's CIFAR-10 model) on 32×32×3 images, batch 128; conv kernels
+  ``(3, 3, in, out)`` get spatial FOP (one 9×9 matrix per layer).
+* ``mlp``: 784-1024-1024-10, batch 128; kernels with ``in > 64`` get low-rank
+  FOP (rank 8) by default; ``full`` forces dense ``in×in`` matrices.
+* ``transformer``: one pre-norm block, width 512, 8 heads, MLP 2048, on
+  sequences of 64 tokens; all dense kernels are low-rank.
+
+"update" rows time the optimiser update alone (``tx.update`` +
+``apply_updates`` on a fixed gradient tree, no model). "state/params" is the
+bytes of the optimiser state divided by the bytes of the parameters.
+
+Run: ``python benchmarks/overhead.py`` (about 3–5 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import fop_optax  # noqa: E402
+
+LR = 0.05
+
+
+# ----------------------------------------------------------------------------- models
+
+def _dense(key, n_in, n_out):
+  return {'kernel': jax.random.normal(key, (n_in, n_out)) / math.sqrt(n_in),
+          'bias': jnp.zeros((n_out,))}
+
+
+def _conv(key, k, n_in, n_out):
+  return {'kernel': jax.random.normal(key, (k, k, n_in, n_out)) / math.sqrt(k * k * n_in),
+          'bias': jnp.zeros((n_out,))}
+
+
+# (kernel size, output channels, stride, padding) of All-CNN-C; widths scale with `width`.
+_ALL_CNN_C = ((3, 96, 1, 'SAME'), (3, 96, 1, 'SAME'), (3, 96, 2, 'SAME'),
+              (3, 192, 1, 'SAME'), (3, 192, 1, 'SAME'), (3, 192, 2, 'SAME'),
+              (3, 192, 1, 'VALID'), (1, 192, 1, 'VALID'), (1, 10, 1, 'VALID'))
+
+
+def cnn(width: float = 1.0):
+  layers = [(k, c if c == 10 else max(1, round(c * width)), s, p) for k, c, s, p in _ALL_CNN_C]
+
+  def init(key):
+    keys, n_in, params = jax.random.split(key, len(layers)), 3, {}
+    for i, ((k, c, _, _), kk) in enumerate(zip(layers, keys)):
+      params[f'conv{i}'] = _conv(kk, k, n_in, c)
+      n_in = c
+    return params
+
+  def apply(params, x):
+    for i, (_, _, s, p) in enumerate(layers):
+      w = params[f'conv{i}']
+      x = jax.lax.conv_general_dilated(x, w['kernel'], (s, s), p,
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + w['bias']
+      if i < len(layers) - 1:
+        x = jax.nn.relu(x)
+    return x.mean(axis=(1, 2))
+
+  return init, apply, lambda key, b: jax.random.uniform(key, (b, 32, 32, 3))
+
+
+def mlp(sizes=(784, 1024, 1024, 10)):
+  def init(key):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return {f'dense{i}': _dense(k, a, b) for i, (k, a, b) in enumerate(zip(keys, sizes, sizes[1:]))}
+
+  def apply(params, x):
+    x = x.reshape(x.shape[0], -1)
+    for i in range(len(sizes) - 1):
+      w = params[f'dense{i}']
+      x = x @ w['kernel'] + w['bias']
+      if i < len(sizes) - 2:
+        x = jax.nn.relu(x)
+    return x
+
+  return init, apply, lambda key, b: jax.random.uniform(key, (b, sizes[0]))
+
+
+def transformer(d=512, heads=8, hidden=2048, seq=64):
+  def init(key):
+    k = jax.random.split(key, 6)
+    return {'ln1': {'scale': jnp.ones((d,))}, 'ln2': {'scale': jnp.ones((d,))},
+            'qkv': _dense(k[0], d, 3 * d), 'out': _dense(k[1], d, d),
+            'mlp_in': _dense(k[2], d, hidden), 'mlp_out': _dense(k[3], hidden, d),
+            'head': _dense(k[4], d, 10)}
+
+  def norm(x, scale):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+
+  def apply(params, x):
+    b, t, _ = x.shape
+    h = norm(x, params['ln1']['scale'])
+    qkv = h @ params['qkv']['kernel'] + params['qkv']['bias']
+    q, k, v = jnp.split(qkv.reshape(b, t, 3 * heads, d // heads), 3, axis=2)
+    att = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, d)
+    x = x + att @ params['out']['kernel'] + params['out']['bias']
+    h = norm(x, params['ln2']['scale'])
+    h = jax.nn.gelu(h @ params['mlp_in']['kernel'] + params['mlp_in']['bias'])
+    x = x + h @ params['mlp_out']['kernel'] + params['mlp_out']['bias']
+    return x.mean(axis=1) @ params['head']['kernel'] + params['head']['bias']
+
+  return init, apply, lambda key, b: jax.random.normal(key, (b, seq, d))
+
+
+def _full_for_matrices(params):
+  # Dense in×in matrices for every kernel (biases unpreconditioned).
+  return jax.tree.map(lambda p: 'full' if p.ndim == 2 else 'none', params)
+
+
+def momentum():
+  return optax.sgd(LR, momentum=0.9)
+
+
+def fop_chain(**kwargs):
+  return optax.chain(fop_optax.scale_by_fop(LR, **kwargs), optax.sgd(LR, momentum=0.9))
+
+
+@dataclasses.dataclass
+class Case:
+  name: str
+  model: tuple
+  batch: int
+  fops: dict[str, Callable[[], optax.GradientTransformation]]
+
+
+def cases(args) -> list[Case]:
+  return [
+      Case('cnn', cnn(args.cnn_width), args.cnn_batch, {'fop (spatial)': fop_chain}),
+      Case('mlp', mlp(), 128, {'fop (low-rank)': fop_chain,
+                               'fop (full)': lambda: fop_chain(structures=_full_for_matrices)}),
+      Case('transformer', transformer(seq=args.seq), args.tf_batch, {'fop (low-rank)': fop_chain}),
+  ]
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, 'dtype'))
+
+
+def _make_step(apply, tx):
+  def loss_fn(params, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(apply(params, x), y).mean()
+
+  def step(params, state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _make_update(tx):
+  def update(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(update, donate_argnums=(0, 1))
+
+
+def _interleaved(runners: dict[str, Callable[[], None]], reps: int, inner: int) -> dict[str, list[float]]:
+  """Seconds per call of each runner; the order rotates every repetition."""
+  names, times = list(runners), {n: [] for n in runners}
+  for r in range(reps):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      t0 = time.perf_counter()
+      for _ in range(inner):
+        runners[name]()
+      times[name].append((time.perf_counter() - t0) / inner)
+  return times
+
+
+def bench_case(case: Case, args) -> list[dict[str, Any]]:
+  init, apply, make_x = case.model
+  key = jax.random.key(0)
+  params0 = init(key)
+  x = make_x(jax.random.fold_in(key, 1), case.batch)
+  y = jax.random.randint(jax.random.fold_in(key, 2), (case.batch,), 0, 10)
+  grads = jax.tree.map(lambda p: 1e-3 * jax.random.normal(jax.random.fold_in(key, 3), p.shape), params0)
+  txs = {'momentum': momentum}
+  txs.update(case.fops)
+
+  step_runners, update_runners, memory = {}, {}, {}
+  for name, make_tx in txs.items():
+    tx = make_tx()
+    for kind, runners in (('step', step_runners), ('update', update_runners)):
+      fn = _make_step(apply, tx) if kind == 'step' else _make_update(tx)
+      box = [jax.tree.map(jnp.copy, params0), tx.init(params0)]
+      memory[name] = _nbytes(box[1]) / _nbytes(params0)
+
+      def run(fn=fn, box=box, kind=kind):
+        out = fn(box[0], box[1], x, y) if kind == 'step' else fn(box[0], box[1], grads)
+        box[0], box[1] = out[0], out[1]
+        jax.block_until_ready(box)
+
+      for _ in range(args.warmup):  # compiles, then warms caches
+        run()
+      runners[name] = run
+
+  step_t = _interleaved(step_runners, args.reps, args.inner)
+  update_t = _interleaved(update_runners, args.reps, args.inner * 4)
+
+  rows = []
+  base_s, base_u = step_t['momentum'], update_t['momentum']
+  for name in txs:
+    s, u = step_t[name], update_t[name]
+    step_ratio = [a / b for a, b in zip(s, base_s)]
+    update_ratio = [a / b for a, b in zip(u, base_u)]
+    rows.append(dict(
+        model=case.name, optimizer=name, batch=case.batch,
+        params=sum(p.size for p in jax.tree.leaves(params0)),
+        step_ms=1e3 * statistics.median(s), step_ms_min=1e3 * min(s), step_ms_max=1e3 * max(s),
+        step_ratio=statistics.median(step_ratio), step_ratio_min=min(step_ratio),
+        step_ratio_max=max(step_ratio),
+        update_ms=1e3 * statistics.median(u),
+        update_ratio=statistics.median(update_ratio), update_ratio_min=min(update_ratio),
+        update_ratio_max=max(update_ratio),
+        state_over_params=memory[name]))
+  return rows
+
+
+TARGETS = {'cnn': 1.05, 'mlp': 1.15, 'transformer': 1.15}
+
+
+def format_table(rows) -> str:
+  head = (f"{'model':<12}{'optimizer':<16}{'step ms':>9}  {'step ratio [min-max]':<22}"
+          f"{'update ms':>10}  {'update ratio [min-max]':<24}{'state/params':>12}  target")
+  lines = [head, '-' * len(head)]
+  for r in rows:
+    base = r['optimizer'] == 'momentum'
+    target = '' if base else TARGETS[r['model']]
+    met = '' if base else ('met' if r['step_ratio'] <= target else 'MISSED')
+    lines.append(
+        f"{r['model']:<12}{r['optimizer']:<16}{r['step_ms']:>9.2f}  "
+        f"{r['step_ratio']:.3f} [{r['step_ratio_min']:.3f}-{r['step_ratio_max']:.3f}]".ljust(22 + 39)
+        + f"{r['update_ms']:>10.3f}  "
+        + f"{r['update_ratio']:.2f} [{r['update_ratio_min']:.2f}-{r['update_ratio_max']:.2f}]".ljust(24)
+        + f"{r['state_over_params']:>12.3f}  {'' if base else f'≤{target} {met}'}")
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--models', default='cnn,mlp,transformer')
+  parser.add_argument('--reps', type=int, default=15, help='interleaved repetitions (medians over these)')
+  parser.add_argument('--inner', type=int, default=2, help='steps per timing')
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--cnn-width', type=float, default=1.0, help='channel multiplier of All-CNN-C')
+  parser.add_argument('--cnn-batch', type=int, default=128)
+  parser.add_argument('--tf-batch', type=int, default=16, help='transformer: sequences per batch')
+  parser.add_argument('--seq', type=int, default=64)
+  parser.add_argument('--out', default=os.path.join('results', 'overhead.json'))
+  args = parser.parse_args(argv)
+
+  wanted = args.models.split(',')
+  rows, t0 = [], time.perf_counter()
+  for case in cases(args):
+    if case.name in wanted:
+      rows += bench_case(case, args)
+      print(f'[{case.name} done, {time.perf_counter() - t0:.0f}s]', file=sys.stderr, flush=True)
+  print(format_table(rows))
+  meta = dict(backend=jax.default_backend(), devices=len(jax.devices()), cpus=os.cpu_count(),
+              machine=platform.machine(), jax=jax.__version__, optax=optax.__version__,
+              args=vars(args), seconds=time.perf_counter() - t0)
+  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+  with open(args.out, 'w') as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  print(f'saved {args.out} ({meta["seconds"]:.0f}s)')
+  return rows
+
+
+if __name__ == '__main__':
+  main()
