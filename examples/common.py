@@ -312,14 +312,18 @@ def train(model_fn, tx, data, *, epochs: int, batch_size: int, seed: int, progre
 def summarize(runs: Sequence[dict]) -> dict:
   """Mean ± std over seeds of one optimiser's final values, plus seconds per epoch.
 
+  ``train_loss_auc`` is the train loss averaged over all epochs: lower means it got low sooner.
+
   ``sec_per_epoch`` leaves out epoch 1 (compilation) when there are later epochs.
   """
   final_train = np.array([r['train_loss'][-1] for r in runs])
   final_acc = np.array([r['test_accuracy'][-1] for r in runs])
+  auc = np.array([np.mean(r['train_loss']) for r in runs])  # lower = converged sooner
   times = [t for r in runs for t in (r['epoch_time'][1:] or r['epoch_time'])]
   return {
       'train_loss_mean': float(np.mean(final_train)), 'train_loss_std': float(np.std(final_train)),
       'test_accuracy_mean': float(np.mean(final_acc)), 'test_accuracy_std': float(np.std(final_acc)),
+      'train_loss_auc_mean': float(np.mean(auc)), 'train_loss_auc_std': float(np.std(auc)),
       'sec_per_epoch': float(np.mean(times)), 'seeds': len(runs),
   }
 
