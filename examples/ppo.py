@@ -353,11 +353,27 @@ def train_gymnax(env_name: str, optimizer: str, lr: float, seeds: int, updates: 
 
 # --------------------------------------------------------------------------- gymnasium
 
+class RunningNorm:
+  """Running mean and variance (Welford over batches), as in gymnasium's normalising wrappers."""
+
+  def __init__(self, shape=()):
+    self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
+
+  def update(self, x):
+    mean, var, n = x.mean(0), x.var(0), x.shape[0]
+    delta, total = mean - self.mean, self.count + n
+    self.mean = self.mean + delta * n / total
+    self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total
+    self.count = total
+
+
 def train_gymnasium(env_name: str, optimizer: str, lr: float, seeds: int, updates: int,
                     cfg: Optional[Config] = None, seed0: int = 0, progress: bool = True) -> dict:
   """Host-side rollouts in a gymnasium vector env, jitted policy and PPO update; one seed at a
-  time. Observations are normalised and rewards scaled by gymnasium's vector wrappers; the
-  reported returns are the raw ones (``RecordEpisodeStatistics`` sits inside them)."""
+  time. Observations are normalised (running mean/std, clipped to ±10) and rewards divided by
+  the running std of the discounted return, like gymnasium's ``NormalizeObservation`` and
+  ``NormalizeReward`` (which refuse same-step autoreset, needed to bootstrap truncations);
+  the reported returns are the raw ones."""
   import gymnasium as gym
   from gymnasium.wrappers import vector as vwrap
   from tqdm.auto import tqdm
@@ -370,8 +386,9 @@ def train_gymnasium(env_name: str, optimizer: str, lr: float, seeds: int, update
                         vector_kwargs={'autoreset_mode': gym.vector.AutoresetMode.SAME_STEP})
     envs = vwrap.RecordEpisodeStatistics(envs)
     envs = vwrap.ClipAction(envs)
-    envs = vwrap.NormalizeObservation(envs)
-    envs = vwrap.NormalizeReward(envs, gamma=cfg.gamma)
+    obs_norm, ret_norm = RunningNorm(envs.single_observation_space.shape), RunningNorm()
+    disc_return = np.zeros(cfg.num_envs)
+    normalize = lambda o: np.clip((o - obs_norm.mean) / np.sqrt(obs_norm.var + 1e-8), -10, 10)
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     act_dim = int(np.prod(envs.single_action_space.shape))
     policy, init_params = make_policy(obs_dim, act_dim, False, cfg.hidden)
@@ -382,7 +399,9 @@ def train_gymnasium(env_name: str, optimizer: str, lr: float, seeds: int, update
     sample = jax.jit(policy.sample)
     value_fn = jax.jit(lambda p, o: policy.apply(p, o)[2])
     update = jax.jit(make_update(policy, tx, cfg))
-    obs, _ = envs.reset(seed=seed)
+    raw_obs, _ = envs.reset(seed=seed)
+    obs_norm.update(raw_obs)
+    obs = normalize(raw_obs)
     curve = []
     bar = tqdm(range(updates), desc=f'{env_name} {optimizer} seed {seed}', disable=not progress)
     for _ in bar:
@@ -391,18 +410,24 @@ def train_gymnasium(env_name: str, optimizer: str, lr: float, seeds: int, update
       for _ in range(cfg.num_steps):
         key, k_act = jax.random.split(key)
         action, logp, value = jax.device_get(sample(params, obs, k_act))
-        next_obs, reward, term, trunc, info = envs.step(action)
-        reward = np.asarray(reward, np.float32)
+        raw_next, reward, term, trunc, info = envs.step(action)
+        done = np.logical_or(term, trunc)
+        disc_return = disc_return * cfg.gamma + reward
+        ret_norm.update(disc_return[:, None])
+        disc_return[done] = 0.0
+        reward = np.asarray(reward / np.sqrt(ret_norm.var[0] + 1e-8), np.float32)
         truncated = np.logical_and(trunc, np.logical_not(term))
         if truncated.any():  # bootstrap time-limit ends with V(final observation)
-          final_obs = np.stack([o if t else next_obs[i]
+          final_obs = np.stack([o if t else raw_next[i]
                                 for i, (o, t) in enumerate(zip(info['final_obs'], truncated))])
-          reward = reward + cfg.gamma * truncated * np.asarray(value_fn(params, final_obs))
+          final_value = np.asarray(value_fn(params, normalize(final_obs)))
+          reward = reward + cfg.gamma * truncated * final_value
         if 'episode' in info:
           finished.extend(info['episode']['r'][info['_episode']].tolist())
-        for k, v in zip(buf, (obs, action, logp, value, reward, np.logical_or(term, trunc))):
+        for k, v in zip(buf, (obs, action, logp, value, reward, done)):
           buf[k].append(np.asarray(v))
-        obs = next_obs
+        obs_norm.update(raw_next)
+        obs = normalize(raw_next)
       batch = Batch(*(jnp.asarray(np.stack(buf[k]), jnp.float32) for k in buf))
       last_value = value_fn(params, obs)
       key, k_update = jax.random.split(key)
