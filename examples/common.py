@@ -260,14 +260,16 @@ def evaluate(model, x, y, batch_size: int = 1000):
 
 
 def train(model_fn, tx, data, *, epochs: int, batch_size: int, seed: int, progress: bool = True,
-          max_steps: int | None = None, desc: str = '') -> dict:
+          max_steps: int | None = None, desc: str = '', hyperparams: dict | None = None) -> dict:
   """Trains ``model_fn(seed)`` with ``tx`` on ``data = (x_train, y_train, x_test, y_test)``.
 
   Each epoch shuffles the training set with ``np.random.default_rng(seed)`` and drops the last
   partial batch (one compiled shape). ``train_loss`` is the mean minibatch loss of the epoch,
   ``test_loss``/``test_accuracy`` are measured on the whole test set after it, and
   ``epoch_time`` is the wall time of the training steps (epoch 1 includes compilation).
-  ``max_steps`` caps the steps per epoch (quick runs and tests).
+  ``max_steps`` caps the steps per epoch (quick runs and tests). ``hyperparams`` are written
+  into an ``optax.inject_hyperparams`` state after ``init``: reusing one ``tx`` object with
+  different values lets a sweep share one compiled train step (a new ``tx`` recompiles).
 
   Returns:
     ``{'train_loss', 'test_loss', 'test_accuracy', 'epoch_time': per-epoch lists,
@@ -278,6 +280,9 @@ def train(model_fn, tx, data, *, epochs: int, batch_size: int, seed: int, progre
   rng = np.random.default_rng(seed)
   model = model_fn(seed)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  for key, value in (hyperparams or {}).items():
+    slot = optimizer.opt_state.hyperparams[key]
+    slot.value = jnp.asarray(value, slot.value.dtype)
   steps = len(x_train) // batch_size
   if steps == 0:
     raise ValueError(f'batch_size {batch_size} exceeds the {len(x_train)} training examples')
