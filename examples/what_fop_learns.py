@@ -79,6 +79,10 @@ def pattern(p: np.ndarray) -> dict:
   stats = {name: float(p[mask].mean()) for name, mask in tap_masks(int(round(len(p) ** 0.5))).items()}
   stats['others'] = float(p[tap_masks()['corner'] | tap_masks()['far']].mean())
   stats['whitening'] = bool(stats['diagonal'] > 0 and stats['neighbour'] < 0)
+  # |cos| between P's top eigenvector and the constant (all taps equal) direction: near 1
+  # means P mostly rescales the step along the kernel's mean, not across neighbours.
+  top = np.linalg.eigh(p)[1][:, -1]
+  stats['top_eigvec_vs_constant'] = float(abs(top.sum()) / (np.sqrt(len(p)) * np.linalg.norm(top)))
   # Weaker, scale-free version: neighbours pushed below the other off-diagonal entries.
   stats['neighbours_below_others'] = bool(stats['neighbour'] < stats['others'])
   return stats
@@ -88,7 +92,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--dataset', choices=common.DATASETS, default='digits')
   parser.add_argument('--data-dir', default=None, help='Fashion-MNIST idx files')
-  parser.add_argument('--epochs', type=int, default=30)
+  parser.add_argument('--epochs', type=int, default=10)
   parser.add_argument('--batch-size', type=int, default=32)
   parser.add_argument('--lr', type=float, default=0.05)
   parser.add_argument('--momentum', type=float, default=0.9)
@@ -191,6 +195,8 @@ def main(argv=None):
     print(f"{name:<16} {'×'.join(map(str, s['shape'])):>7} {cells} {s['eigenvalue_min']:8.3f} "
           f"{s['eigenvalue_max']:8.3f} {s['angle_median']:8.1f}° {s['angle_max']:8.1f}°")
   n_white = sum(layers[n]['pattern']['whitening'] for n in spatial)
+  print('top eigenvector of P vs the constant direction, |cos|: ' + ', '.join(
+      f"{n} {layers[n]['pattern']['top_eigvec_vs_constant']:.3f}" for n in spatial))
   print(f'whitening pattern (positive diagonal, negative 4-neighbour mean) in {n_white} of '
         f'{len(spatial)} 3×3 conv layers; neighbours below the other off-diagonals in '
         f"{sum(layers[n]['pattern']['neighbours_below_others'] for n in spatial)}")
@@ -257,7 +263,7 @@ def plot(out, snapshots, spatial, angles, losses, steps_per_epoch):
   fig.suptitle(f'entries of P at step {snapshots[-1][0]}', fontsize=9)
   save(fig, 'histograms')
 
-  eig_names = list(snapshots[-1][2])
+  eig_names = [n for n, e in snapshots[-1][2].items() if e.size > 1]  # 1×1 convs: a scalar
   fig, axes = plt.subplots(1, len(eig_names), squeeze=False, figsize=(2.4 * len(eig_names), 2.4))
   colours = plt.cm.viridis(np.linspace(0, 1, len(snapshots)))
   for ax, name in zip(axes[0], eig_names):
@@ -275,7 +281,7 @@ def plot(out, snapshots, spatial, angles, losses, steps_per_epoch):
   window = max(1, steps_per_epoch // 2)
   smooth = lambda v: np.convolve(v, np.ones(window) / window, mode='valid')
   for name, a in angles.items():
-    if np.nanmax(a) > 0:  # 1×1 convs have a scalar P: the angle is always 0
+    if name in eig_names:  # a 1×1 conv's P is a scalar: the angle is always 0
       ax.plot(np.arange(len(smooth(a))) + window, smooth(a), lw=1, label=name)
   ax.set(xlabel='step', ylabel='angle(g, Pg) [degrees]', title='rotation of the gradient')
   ax.legend(fontsize=7)
