@@ -1,0 +1,97 @@
+"""Smoke tests of the classification examples (demo, classify, robustness_grid, common).
+
+Each script's ``main(argv)`` runs in-process on digits with tiny settings, so the whole file
+stays within a few tens of seconds of CPU (mostly compilation).
+"""
+
+import gzip
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'examples'))
+
+import classify  # noqa: E402
+import common  # noqa: E402
+import demo  # noqa: E402
+import robustness_grid  # noqa: E402
+
+
+def _write_idx(path, array):
+  header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
+      int(d).to_bytes(4, 'big') for d in array.shape)
+  with gzip.open(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_missing_files_raise_a_helpful_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist') as info:
+    common.load_dataset('fashion_mnist', data_dir=str(tmp_path))
+  assert '--data-dir' in str(info.value)
+
+
+def test_fashion_mnist_idx_reader(tmp_path):
+  rng = np.random.default_rng(0)
+  images = {'train': rng.integers(0, 256, (5, 28, 28)), 't10k': rng.integers(0, 256, (3, 28, 28))}
+  for split, x in images.items():
+    _write_idx(tmp_path / f'{split}-images-idx3-ubyte.gz', x)
+    _write_idx(tmp_path / f'{split}-labels-idx1-ubyte.gz', np.arange(len(x)))
+  x_train, y_train, x_test, y_test = common.load_dataset('fashion_mnist', str(tmp_path))
+  assert x_train.shape == (5, 28, 28, 1) and x_test.shape == (3, 28, 28, 1)
+  assert x_train.dtype == np.float32
+  np.testing.assert_allclose(x_train[..., 0] * 255, images['train'], atol=1e-4)
+  np.testing.assert_array_equal(y_test, [0, 1, 2])
+
+
+def test_digits_split_is_fixed_and_scaled():
+  x_train, y_train, x_test, y_test = common.load_dataset('digits')
+  assert x_train.shape == (1437, 8, 8, 1) and x_test.shape == (360, 8, 8, 1)
+  assert 0 <= x_train.min() and x_train.max() == 1
+  np.testing.assert_array_equal(common.load_dataset('digits')[3], y_test)
+  assert set(common.OPTIMIZERS) == set(common.LABELS)
+
+
+def test_demo_trains_and_saves_plot(tmp_path):
+  results = demo.main(['--epochs', '1', '--no-progress', '--out', str(tmp_path)])
+  assert (tmp_path / 'demo.png').stat().st_size > 0
+  saved = json.loads((tmp_path / 'demo.json').read_text())
+  assert set(saved['runs']) == {'momentum', 'fop'}
+  for run in results.values():
+    assert math.isfinite(run['train_loss'][0]) and run['train_loss'][0] < 2.3
+  assert results['fop']['test_accuracy'][0] > 0.3  # chance is 0.1
+
+
+def test_classify_outputs(tmp_path):
+  out = classify.main(['--model', 'mlp', '--epochs', '2', '--seeds', '2',
+                       '--optimizers', 'momentum,fop', '--no-progress', '--out', str(tmp_path)])
+  for name in ('curves.png', 'results.json', 'summary.csv', 'curves.csv'):
+    assert (tmp_path / name).stat().st_size > 0
+  summary = json.loads((tmp_path / 'results.json').read_text())['summary']
+  assert set(summary) == {'momentum', 'fop'}
+  assert summary['fop']['test_accuracy_mean'] > 0.5
+  assert summary['fop']['seeds'] == 2 and summary['fop']['sec_per_epoch'] > 0
+  assert len((tmp_path / 'curves.csv').read_text().splitlines()) == 1 + 2 * 2 * 2
+  assert len(out['runs']['fop'][0]['train_loss']) == 2
+
+
+def test_classify_rejects_unknown_optimizer():
+  with pytest.raises(SystemExit):
+    classify.main(['--optimizers', 'momentum,sgdd'])
+
+
+def test_robustness_grid_outputs(tmp_path):
+  result = robustness_grid.main([
+      '--model', 'mlp', '--epochs', '1', '--max-steps', '3', '--lrs', '0.01,0.1',
+      '--momenta', '0,0.9', '--adam-lrs', '', '--no-progress', '--out', str(tmp_path)])
+  assert (tmp_path / 'grid.png').stat().st_size > 0
+  assert not (tmp_path / 'adam.png').exists()
+  saved = json.loads((tmp_path / 'grid.json').read_text())
+  for name in ('momentum', 'fop'):
+    acc = np.array(saved['grid'][name])
+    assert acc.shape == (2, 2) and np.all((0 <= acc) & (acc <= 1))
+  assert result['adam'] == {}
