@@ -282,7 +282,7 @@ def train(model_fn, tx, data, *, epochs: int, batch_size: int, seed: int, progre
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   for key, value in (hyperparams or {}).items():
     slot = optimizer.opt_state.hyperparams[key]
-    slot.value = jnp.asarray(value, slot.value.dtype)
+    slot[...] = jnp.asarray(value, slot[...].dtype)
   steps = len(x_train) // batch_size
   if steps == 0:
     raise ValueError(f'batch_size {batch_size} exceeds the {len(x_train)} training examples')
