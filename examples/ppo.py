@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import time
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -379,6 +379,15 @@ def train_gymnasium(env_name: str, optimizer: str, lr: float, seeds: int, update
   from tqdm.auto import tqdm
   cfg = cfg or ENV_CONFIGS[env_name]
   tx = make_tx(optimizer, lr, cfg)
+  probe = gym.make(env_name)
+  obs_dim = int(np.prod(probe.observation_space.shape))
+  act_dim = int(np.prod(probe.action_space.shape))
+  probe.close()
+  # Built once so the seeds share one compilation.
+  policy, init_params = make_policy(obs_dim, act_dim, False, cfg.hidden)
+  sample = jax.jit(policy.sample)
+  value_fn = jax.jit(lambda p, o: policy.apply(p, o)[2])
+  update = jax.jit(make_update(policy, tx, cfg))
   curves, start = [], time.perf_counter()
   for s in range(seeds):
     seed = seed0 + s
@@ -389,16 +398,10 @@ def train_gymnasium(env_name: str, optimizer: str, lr: float, seeds: int, update
     obs_norm, ret_norm = RunningNorm(envs.single_observation_space.shape), RunningNorm()
     disc_return = np.zeros(cfg.num_envs)
     normalize = lambda o: np.clip((o - obs_norm.mean) / np.sqrt(obs_norm.var + 1e-8), -10, 10)
-    obs_dim = int(np.prod(envs.single_observation_space.shape))
-    act_dim = int(np.prod(envs.single_action_space.shape))
-    policy, init_params = make_policy(obs_dim, act_dim, False, cfg.hidden)
     key = jax.random.key(seed)
     key, k_params = jax.random.split(key)
     params = init_params(k_params)
     opt_state = tx.init(params)
-    sample = jax.jit(policy.sample)
-    value_fn = jax.jit(lambda p, o: policy.apply(p, o)[2])
-    update = jax.jit(make_update(policy, tx, cfg))
     raw_obs, _ = envs.reset(seed=seed)
     obs_norm.update(raw_obs)
     obs = normalize(raw_obs)
@@ -455,9 +458,11 @@ def bootstrap_median(x: np.ndarray, n_boot: int = 2000, seed: int = 0):
   rng = np.random.default_rng(seed)
   x = np.asarray(x, np.float64)
   idx = rng.integers(0, x.shape[0], size=(n_boot, x.shape[0]))
-  boots = np.nanmedian(x[idx], axis=1)
-  return np.nanmedian(x, axis=0), np.nanpercentile(boots, 2.5, axis=0), \
-      np.nanpercentile(boots, 97.5, axis=0)
+  with warnings.catch_warnings():  # all-NaN columns (no episode finished yet) stay NaN
+    warnings.simplefilter('ignore', RuntimeWarning)
+    boots = np.nanmedian(x[idx], axis=1)
+    return (np.nanmedian(x, axis=0), np.nanpercentile(boots, 2.5, axis=0),
+            np.nanpercentile(boots, 97.5, axis=0))
 
 
 def smooth_last(returns: np.ndarray, window: int) -> np.ndarray:
