@@ -50,7 +50,7 @@ def test_ppo_with_fop_beats_random_policy():
   assert 15 < random_return < 40  # CartPole's random policy lasts ~22 steps
 
   cfg = ppo.ENV_CONFIGS[ENV]
-  tx = ppo.make_tx('fop', ppo.default_lr(ENV, 'fop'), cfg)
+  tx = ppo.make_tx('fop', 1e-2, cfg)  # a modest rate: learning must not hinge on tuning
   init, run = ppo.make_gymnax_trainer(ENV, tx, cfg)
   runner = jax.jit(jax.vmap(init))(jax.random.split(jax.random.key(0), 2))
   runner, metrics = jax.jit(jax.vmap(run, in_axes=(0, None)), static_argnums=1)(runner, 12)
