@@ -26,6 +26,7 @@ bootstrapped 95% interval. Writes ``<out>/ppo_<env>.json`` and ``<out>/ppo_<env>
   python3 examples/ppo.py                                  # CartPole, 5 optimisers x 5 seeds
   python3 examples/ppo.py --env Pendulum-v1 --updates 300
   python3 examples/ppo.py --env BipedalWalker-v3 --seeds 3 --updates 30 --optimizers momentum,fop
+  python3 examples/ppo.py --from-json results/ppo_CartPole-v1.json --out /tmp  # table + plot again
 """
 
 from __future__ import annotations
@@ -480,21 +481,24 @@ def summarize(runs: dict, window: int = 10) -> dict:
     last = smooth_last(ret, window)
     bm, blo, bhi = bootstrap_median(best)
     lm, llo, lhi = bootstrap_median(last)
+    # Speed: the mean return over all updates (area under the learning curve).
+    am, alo, ahi = bootstrap_median(np.nanmean(ret, axis=1))
     table[name] = {'best_median': float(bm), 'best_lo': float(blo), 'best_hi': float(bhi),
                    'final_median': float(lm), 'final_lo': float(llo), 'final_hi': float(lhi),
+                   'auc_median': float(am), 'auc_lo': float(alo), 'auc_hi': float(ahi),
                    'lr': r['lr'], 'seconds': r['seconds'], 'seeds': int(ret.shape[0])}
   return table
 
 
 def print_table(table: dict, window: int) -> str:
-  lines = [f'| optimiser | lr | best-so-far return, median [95% CI] | '
-           f'mean of last {window} updates, median [95% CI] | seeds | seconds |',
-           '|---|---|---|---|---|---|']
+  """Medians over seeds with bootstrapped 95% intervals, as a markdown table."""
+  lines = [f'| optimiser | lr | final best-so-far return | mean return, last {window} updates '
+           f'| mean return, all updates | seeds | seconds |',
+           '|---|---|---|---|---|---|---|']
+  cell = lambda t, k: f'{t[k + "_median"]:.1f} [{t[k + "_lo"]:.1f}, {t[k + "_hi"]:.1f}]'
   for name, t in table.items():
-    lines.append(f'| {LABELS[name]} | {t["lr"]:g} | {t["best_median"]:.1f} '
-                 f'[{t["best_lo"]:.1f}, {t["best_hi"]:.1f}] | {t["final_median"]:.1f} '
-                 f'[{t["final_lo"]:.1f}, {t["final_hi"]:.1f}] | {t["seeds"]} | '
-                 f'{t["seconds"]:.0f} |')
+    lines.append(f'| {LABELS[name]} | {t["lr"]:g} | {cell(t, "best")} | {cell(t, "final")} | '
+                 f'{cell(t, "auc")} | {t["seeds"]} | {t["seconds"]:.0f} |')
   text = '\n'.join(lines)
   print(text, flush=True)
   return text
@@ -558,7 +562,22 @@ def main(argv=None):
   parser.add_argument('--out', default='results', help='folder for the JSON and PNG')
   parser.add_argument('--tag', default='', help='suffix for the output file names')
   parser.add_argument('--no-progress', action='store_true')
+  parser.add_argument('--from-json', metavar='PATH',
+                      help='no training: redo the table and plot of a saved run')
   args = parser.parse_args(argv)
+
+  if args.from_json:
+    with open(args.from_json) as f:
+      saved = json.load(f)
+    runs = {n: {'return': np.array(r, np.float64).reshape(len(r), -1),  # None -> NaN
+                'lr': saved['summary'][n]['lr'], 'seconds': saved['summary'][n]['seconds']}
+            for n, r in saved['returns'].items()}
+    print(f'{saved["env"]}, {saved["updates"]} PPO updates, {saved["seeds"]} seeds')
+    print_table(summarize(runs, args.window), args.window)
+    stem = os.path.join(args.out, os.path.splitext(os.path.basename(args.from_json))[0])
+    plot(runs, saved['env'], stem + '.png')
+    print(f'wrote {stem}.png')
+    return saved
 
   names = [n.strip() for n in args.optimizers.split(',') if n.strip()]
   unknown = [n for n in names if n not in OPTIMIZERS]
