@@ -64,22 +64,81 @@ def _rows(shape: Shape, row_axes: int) -> int:
   return math.prod(shape[:row_axes])
 
 
-def _replicated():
-  """``out_sharding`` for products that contract a (possibly sharded) leaf axis.
-
-  Under a mesh with explicit axes JAX cannot guess the sharding of such a
-  product; FOP's matrices are small, so they are replicated. Elsewhere ``None``
-  leaves the choice to the compiler.
-  """
+def _explicit_mesh() -> bool:
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+  return not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
+
+
+def _replicated():
+  """``out_sharding`` for FOP's small matrices (a×a, a×r): replicated.
+
+  Under a mesh with explicit axes JAX cannot guess the sharding of a product
+  that contracts a (possibly sharded) leaf axis; FOP's matrices are small, so
+  they are replicated on every device. Elsewhere ``None`` leaves the choice to
+  the compiler.
+  """
+  return jax.sharding.PartitionSpec() if _explicit_mesh() else None
+
+
+def _spec(x: jax.Array, drop_rows: int = 0, lead: int = 0):
+  """``out_sharding`` for a leaf-like product: ``x``'s spec (explicit mesh only).
+
+  The first ``drop_rows`` axes of ``x`` are replaced by ``lead`` unsharded
+  axes, for products ``(k, *columns)`` that contract the rows away.
+  """
+  if not _explicit_mesh():
     return None
-  return jax.sharding.PartitionSpec()
+  spec = tuple(jax.typeof(x).sharding.spec)
+  spec = spec + (None,) * (x.ndim - len(spec))
+  return jax.sharding.PartitionSpec(*((None,) * lead + spec[drop_rows:]))
 
 
-def _contract_cols(x: jax.Array, y: jax.Array) -> jax.Array:
-  """``x @ yᵀ`` for two (a, b) / (c, b) views: sums over the leaf's columns."""
-  return jnp.matmul(x, y.T, out_sharding=_replicated())
+# FOP's products are einsums over the leaf's own axes (rows first, then
+# columns), never over a reshaped (a, b) view: reshaping a sharded leaf would
+# need a resharding, and XLA:CPU materialises the transpose in ``x @ y.T`` of
+# a large view (5-10x slower for FOP's skinny products).
+def _labels(ndim: int, row_axes: int) -> tuple[str, str, str]:
+  """Einsum labels: the leaf's rows, a second copy of the rows, its columns."""
+  assert ndim <= 12
+  return 'abcdefghijkl'[:row_axes], 'ABCDEFGHIJKL'[:row_axes], 'mnopqrstuvwx'[row_axes:ndim]
+
+
+def _gram(x: jax.Array, y: jax.Array, row_axes: int) -> jax.Array:
+  """``X Yᵀ`` (a×a) of two leaves viewed as (a, b): sums over the columns."""
+  rows, rows2, cols = _labels(x.ndim, row_axes)
+  a = _rows(x.shape, row_axes)
+  out = jnp.einsum(f'{rows}{cols},{rows2}{cols}->{rows}{rows2}', x, y,
+                   out_sharding=_replicated())
+  return out.reshape(a, a)
+
+
+def _apply_left(p: jax.Array, x: jax.Array, row_axes: int) -> jax.Array:
+  """``P X`` for a small ``p`` (a×a) and a leaf ``x`` viewed as (a, b); leaf-shaped."""
+  rows, rows2, cols = _labels(x.ndim, row_axes)
+  p = p.reshape(x.shape[:row_axes] * 2)
+  return jnp.einsum(f'{rows}{rows2},{rows2}{cols}->{rows}{cols}', p, x, out_sharding=_spec(x))
+
+
+def _contract_rows(w: jax.Array, x: jax.Array, row_axes: int) -> jax.Array:
+  """``Wᵀ X`` for ``w`` (a×k): shape ``(k, *columns)``, sharded like ``x``'s columns."""
+  rows, _, cols = _labels(x.ndim, row_axes)
+  w = w.reshape(*x.shape[:row_axes], w.shape[-1])
+  return jnp.einsum(f'{rows}z,{rows}{cols}->z{cols}', w, x,
+                    out_sharding=_spec(x, drop_rows=row_axes, lead=1))
+
+
+def _contract_cols(x: jax.Array, z: jax.Array, row_axes: int) -> jax.Array:
+  """``X Zᵀ`` for ``z`` of shape ``(k, *columns)``: an (a×k) matrix, replicated."""
+  rows, _, cols = _labels(x.ndim, row_axes)
+  out = jnp.einsum(f'{rows}{cols},z{cols}->{rows}z', x, z, out_sharding=_replicated())
+  return out.reshape(_rows(x.shape, row_axes), z.shape[0])
+
+
+def _expand_rows(w: jax.Array, z: jax.Array, like: jax.Array, row_axes: int) -> jax.Array:
+  """``W Z`` for ``w`` (a×k), ``z`` ``(k, *columns)``: leaf-shaped, sharded like ``like``."""
+  rows, _, cols = _labels(like.ndim, row_axes)
+  w = w.reshape(*like.shape[:row_axes], w.shape[-1])
+  return jnp.einsum(f'{rows}z,z{cols}->{rows}{cols}', w, z, out_sharding=_spec(like))
 
 
 def as_matrix(x: jax.Array, row_axes: int) -> jax.Array:
@@ -237,12 +296,13 @@ class Full(Structure):
     return p
 
   def precondition(self, m, g):
-    view = as_matrix(g.astype(m.dtype), self._row_axes(g.shape))
-    return (self._p(m) @ view).reshape(g.shape).astype(g.dtype)
+    # One product per leaf: P (a×a) is formed first (a ≤ max_full_dim, or k²).
+    out = _apply_left(self._p(m), g.astype(m.dtype), self._row_axes(g.shape))
+    return out.astype(g.dtype)
 
   def hypergradient(self, m, g, g_prev, learning_rate):
-    rows = self._row_axes(g.shape)
-    c = _contract_cols(as_matrix(g.astype(m.dtype), rows), as_matrix(g_prev.astype(m.dtype), rows))
+    # One product per leaf for C = G_t G_pᵀ; the rest is a×a.
+    c = _gram(g.astype(m.dtype), g_prev.astype(m.dtype), self._row_axes(g.shape))
     grad = m @ (c + c.T)
     if self.normalize:
       # P̃ = s·P with s = a/t, t = tr(P) = ‖M‖²_F, so
@@ -317,10 +377,6 @@ class LowRank(Structure):
   def _m(m, x):   # M·x
     return x + m[0] @ (m[1].T @ x)
 
-  @staticmethod
-  def _mt(m, x):  # Mᵀ·x
-    return x + m[1] @ (m[0].T @ x)
-
   def _scale(self, m):
     """Returns (s, t): P̃ = s·P, t = tr(P) = ‖I + UVᵀ‖²_F (s = 1 without normalize)."""
     if not self.normalize:
@@ -329,28 +385,43 @@ class LowRank(Structure):
     t = u.shape[0] + 2 * jnp.vdot(u, v) + jnp.vdot(u.T @ u, v.T @ v)
     return u.shape[0] / t, t
 
+  @staticmethod
+  def _factors(m):
+    """``L = [U, V]`` and ``R = [V, MᵀU]`` (a×2r) with ``P = I + L Rᵀ``.
+
+    ``MᵀM = (I + VUᵀ)(I + UVᵀ) = I + UVᵀ + V(U + VUᵀU)ᵀ`` and ``MᵀU = U + V(UᵀU)``.
+    """
+    u, v = m[0], m[1]
+    mtu = u + v @ (u.T @ u)
+    return jnp.concatenate([u, v], axis=1), jnp.concatenate([v, mtu], axis=1)
+
   def precondition(self, m, g):
-    view = as_matrix(g.astype(m.dtype), self.row_axes)
     s, _ = self._scale(m)
-    out = s * self._mt(m, self._m(m, view))
-    return out.reshape(g.shape).astype(g.dtype)
+    left, right = self._factors(m)
+    x = g.astype(m.dtype)
+    # P·G = G + L (Rᵀ G): two (a×2r)-wide products, each one pass over G.
+    out = s * (x + _expand_rows(left, _contract_rows(right, x, self.row_axes), x, self.row_axes))
+    return out.astype(g.dtype)
 
   def hypergradient(self, m, g, g_prev, learning_rate):
-    gt = as_matrix(g.astype(m.dtype), self.row_axes)
-    gp = as_matrix(g_prev.astype(m.dtype), self.row_axes)
+    gt, gp = g.astype(m.dtype), g_prev.astype(m.dtype)
+    rows = self.row_axes
     u, v = m[0], m[1]
     # With H = ∂J/∂M = −η M S, S = G_t G_pᵀ + G_p G_tᵀ (never formed):
-    # ∂J/∂U = H V = −η M (S V) and ∂J/∂V = Hᵀ U = −η S (Mᵀ U).
-    x = jnp.concatenate([v, self._mt(m, u)], axis=1)
-    sx = _contract_cols(gt, (gp.T @ x).T) + _contract_cols(gp, (gt.T @ x).T)
+    # ∂J/∂U = H V = −η M (S V) and ∂J/∂V = Hᵀ U = −η S (Mᵀ U); with
+    # X = [V, MᵀU] both come from S X = G_t (G_pᵀ X) + G_p (G_tᵀ X).
+    left, x = self._factors(m)
+    xgp = _contract_rows(x, gp, rows)
+    sx = _contract_cols(gt, xgp, rows) + _contract_cols(gp, _contract_rows(x, gt, rows), rows)
     r = u.shape[1]
     du, dv = self._m(m, sx[:, :r]), sx[:, r:]
     s, t = self._scale(m)
     if self.normalize:
-      # Extra term of ∂J/∂M: −(2/t)⟨C, P⟩ M, with ⟨C, P⟩ = ⟨M G_t, M G_p⟩.
-      cp = jnp.vdot(self._m(m, gt), self._m(m, gp))
+      # Extra term of ∂J/∂M: −(2/t)⟨C, P⟩ M, with
+      # ⟨C, P⟩ = ⟨G_t, P G_p⟩ = ⟨G_t, G_p⟩ + ⟨Lᵀ G_t, Rᵀ G_p⟩.
+      cp = jnp.vdot(gt, gp) + jnp.vdot(_contract_rows(left, gt, rows), xgp)
       du = du - (2 / t) * cp * self._m(m, v)
-      dv = dv - (2 / t) * cp * self._mt(m, u)
+      dv = dv - (2 / t) * cp * x[:, r:]
     return -learning_rate * s * jnp.stack([du, dv])
 
   def matrix(self, m, shape):

@@ -63,6 +63,20 @@ def _matrix_dtype(leaf_dtype, matrix_dtype) -> jnp.dtype:
   return jnp.promote_types(jnp.float32, leaf_dtype)
 
 
+def _replicate_matrices(structs, ms):
+  """Pins FOP's matrices to replicated under a mesh (auto or explicit axes).
+
+  Without it the compiler may shard a low-rank ``(2, a, r)`` like its leaf's
+  rows after an update, so the state's sharding would change from step to
+  step. Leaf-shaped ``diagonal`` scales are left to follow their leaf.
+  """
+  if jax.sharding.get_abstract_mesh().empty:
+    return ms
+  replicated = jax.sharding.PartitionSpec()
+  return [m if isinstance(s, structures_lib.Diagonal) else
+          jax.lax.with_sharding_constraint(m, replicated) for s, m in zip(structs, ms)]
+
+
 def _check_tree_matches(name: str, updates, reference) -> None:
   """Raises if ``updates`` is not shaped like ``reference``, a params-shaped state field."""
   expected, got = jax.tree.structure(reference), jax.tree.structure(updates)
@@ -173,6 +187,7 @@ def scale_by_fop(
     key = jax.random.key(0 if seed is None else seed)
     ms = [s.init(tuple(p.shape), _matrix_dtype(p.dtype, matrix_dtype), jax.random.fold_in(key, i))
           for i, (s, p) in enumerate(zip(structs, jax.tree.leaves(params)))]
+    ms = _replicate_matrices(structs, ms)
     preconditioners = structures_lib.unwrapped_treedef(params).unflatten(ms)
     return FopState(
         count=jnp.zeros([], jnp.int32),
@@ -200,9 +215,9 @@ def scale_by_fop(
     # structure minus Flax Variable wrappers (see unwrapped_treedef).
     m_def = jax.tree.structure(state.preconditioners)
     ms, gs = jax.tree.leaves(state.preconditioners), jax.tree.leaves(updates)
-    hypergrads = m_def.unflatten([
+    hypergrads = m_def.unflatten(_replicate_matrices(structs, [
         s.hypergradient(m, g, gp, eta).astype(m.dtype)
-        for s, m, g, gp in zip(structs, ms, gs, jax.tree.leaves(state.last_gradient))])
+        for s, m, g, gp in zip(structs, ms, gs, jax.tree.leaves(state.last_gradient))]))
     hyper_updates, hyper_state = hyper_optimizer.update(
         hypergrads, state.hyper_state, state.preconditioners)
     preconditioners = optax.apply_updates(state.preconditioners, hyper_updates)
@@ -214,6 +229,8 @@ def scale_by_fop(
     preconditioners, hyper_state = optax.tree.where(
         first, (state.preconditioners, state.hyper_state),
         (preconditioners, hyper_state))
+    preconditioners = m_def.unflatten(
+        _replicate_matrices(structs, jax.tree.leaves(preconditioners)))
 
     new_updates = jax.tree.structure(updates).unflatten([
         s.precondition(m, g)
