@@ -276,7 +276,8 @@ def main(argv=None):
   parser.add_argument('--reps', type=int, default=15, help='interleaved repetitions (medians over these)')
   parser.add_argument('--inner', type=int, default=2, help='steps per timing')
   parser.add_argument('--warmup', type=int, default=3)
-  parser.add_argument('--cnn-width', type=float, default=1.0, help='channel multiplier of All-CNN-C')
+  parser.add_argument('--cnn-width', type=float, default=0.25,
+                      help='channel multiplier of All-CNN-C (96/192 channels at 1)')
   parser.add_argument('--cnn-batch', type=int, default=128)
   parser.add_argument('--tf-batch', type=int, default=16, help='transformer: sequences per batch')
   parser.add_argument('--seq', type=int, default=64)
