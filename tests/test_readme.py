@@ -26,3 +26,11 @@ def test_ci_runs_the_readme_test_command():
   assert len(commands) == 1
   assert commands[0].strip() in (ROOT / '.ci' / 'run').read_text()
   assert any('examples/demo.py' in block for block in bash_blocks)
+
+
+def test_files_the_readme_names_exist():
+  named = set(re.findall(r'\b((?:examples|notebooks|benchmarks|docs|fop_optax)/[\w/.-]+\.(?:py|ipynb|md))',
+                         README))
+  assert len(named) >= 8
+  missing = sorted(n for n in named if not (ROOT / n).is_file())
+  assert not missing, missing
