@@ -188,8 +188,8 @@ def format_table(summary, args) -> str:
     lines.append('|---|---|---|---|---|---|---|---|---|')
     for rank, s in enumerate(rows, 1):
       lines.append(
-          f"| {rank} | {LABELS[s['optimizer']]} | {f(s['acc_step'], 'd')} ({s['acc_reached']}/{s['seeds']}) "
-          f"| {f(s['acc_wall_s'], '.1f')} | {f(s['loss_step'], 'd')} ({s['loss_reached']}/{s['seeds']}) "
+          f"| {rank} | {LABELS[s['optimizer']]} | {f(s['acc_step'], '.0f')} ({s['acc_reached']}/{s['seeds']}) "
+          f"| {f(s['acc_wall_s'], '.1f')} | {f(s['loss_step'], '.0f')} ({s['loss_reached']}/{s['seeds']}) "
           f"| {f(s['loss_wall_s'], '.1f')} | {f(s['ms_per_step'], '.1f')} "
           f"| {f(s['final_test_acc'], '.4f')} | {f(s['final_train_loss'], '.3f')} |")
   return '\n'.join(lines)
@@ -228,14 +228,14 @@ def main(argv=None):
                 f"loss@{r['loss_step']}, final {r['final_test_acc']:.4f}; "
                 f"{time.perf_counter() - t0:.0f}s total]", file=sys.stderr, flush=True)
   summary = summarize(runs)
-  print(format_table(summary, args))
-  for name, err in PEER_ERRORS.items():
-    print(f'{name}: not run ({err})')
   os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out, 'w') as f:
+  with open(args.out, 'w') as f:   # before printing: a long run's data is never lost
     json.dump(dict(args={k: v for k, v in vars(args).items()}, summary=summary, runs=runs,
                    peer_errors=PEER_ERRORS, jax=jax.__version__, optax=optax.__version__,
                    seconds=time.perf_counter() - t0), f, indent=1)
+  print(format_table(summary, args))
+  for name, err in PEER_ERRORS.items():
+    print(f'{name}: not run ({err})')
   print(f'saved {args.out} ({time.perf_counter() - t0:.0f}s)')
   return summary
 
