@@ -130,8 +130,8 @@ def scale_by_fop(
 
   Non-finite gradients are not filtered here: a NaN in ``G_t`` makes that
   step's update and ``M`` NaN. The aliases (:func:`fop_optax.fop`, ...) skip
-  such steps; wrap this transformation in ``optax.apply_if_finite`` to do the
-  same by hand.
+  such steps; wrap this transformation in :func:`fop_optax.skip_nonfinite` to
+  do the same by hand.
 
   Args:
     learning_rate: ``η`` of the step that follows (a float or an optax
@@ -139,6 +139,13 @@ def scale_by_fop(
       hyper-optimiser such as Adam its scale cancels; with SGD it does not.
     hyper_learning_rate: learning rate of the default hyper-optimiser
       ``optax.adam(hyper_learning_rate)``; ignored if ``hyper_optimizer`` is given.
+      The default's step on each ``M`` is scaled by
+      ``Structure.hyper_step_scale``: ``min(1, 9/a)`` for an (a×a) full or
+      spatial ``M``, ``min(1, 9/√(a·r))`` for low rank, 1 otherwise. Adam moves
+      every entry by about its learning rate, so without it a wide layer's ``P``
+      would change up to ``a/9`` times faster than the 3×3 spatial matrices
+      the paper tuned 1e-4 on (and run away on wide dense layers); 3×3 conv
+      kernels, scalar and diagonal forms are unchanged.
     hyper_optimizer: any optax transformation used to train the ``M``s (its
       ``params`` are the ``M``s; it sees the hypergradients as gradients).
     structures: which preconditioner each leaf gets: ``None`` for the default
@@ -154,7 +161,7 @@ def scale_by_fop(
     normalize: FOP-norm for structures chosen by the default rule or by label:
       ``P`` is rescaled to unit mean eigenvalue so that it only rotates.
     matrix_dtype: dtype of the ``M``s; default float32 (float64 for float64 leaves).
-    seed: seeds the fixed random basis ``U`` of low-rank preconditioners
+    seed: seeds the random orthonormal ``U`` that low-rank preconditioners start from
       (default 0).
     max_scale: guard against ``M`` blowing up: after each hyper step ``M`` is
       rescaled so that ``P`` amplifies gradients at most ``max_scale`` times
@@ -175,7 +182,10 @@ def scale_by_fop(
   _check_number('hyper_learning_rate', hyper_learning_rate, allow_zero=True)
   if max_scale is not None:
     _check_number('max_scale', max_scale, allow_zero=False)
-  if hyper_optimizer is None:
+  # The default hyper step is calibrated per leaf (Structure.hyper_step_scale);
+  # a hyper_optimizer given by the user is applied as it is.
+  calibrate = hyper_optimizer is None
+  if calibrate:
     hyper_optimizer = optax.adam(hyper_learning_rate)
   rule = dict(max_full_dim=max_full_dim, rank=rank, normalize=normalize)
 
@@ -220,6 +230,10 @@ def scale_by_fop(
         for s, m, g, gp in zip(structs, ms, gs, jax.tree.leaves(state.last_gradient))]))
     hyper_updates, hyper_state = hyper_optimizer.update(
         hypergrads, state.hyper_state, state.preconditioners)
+    if calibrate:
+      hyper_updates = m_def.unflatten([
+          u * s.hyper_step_scale(tuple(g.shape))
+          for s, u, g in zip(structs, jax.tree.leaves(hyper_updates), gs)])
     preconditioners = optax.apply_updates(state.preconditioners, hyper_updates)
     if max_scale is not None:
       preconditioners = m_def.unflatten([

@@ -143,3 +143,28 @@ def test_clip_bounds_p_and_keeps_small_m(name, structure, shape):
     assert float(jnp.linalg.eigvalsh(p).max()) <= 4.0 * (1 + 1e-9)
   else:
     assert float(jnp.trace(p)) / p.shape[0] <= 4.0 * (1 + 1e-9)
+
+
+def test_default_hyper_step_is_calibrated_per_leaf():
+  """The default Adam hyper step is scaled per leaf; a user's hyper_optimizer is not."""
+  shapes = {'conv': (3, 3, 2, 4), 'dense': (64, 8), 'wide': (784, 16), 'bias': (16,)}
+  factors = {'conv': 1.0, 'dense': 9 / 64, 'wide': 9 / np.sqrt(784 * 8), 'bias': 1.0}
+  key = jax.random.key(5)
+  params = {k: jax.random.normal(jax.random.fold_in(key, i), s) for i, (k, s) in enumerate(shapes.items())}
+  # Two calls: the first stores G_0, the second takes one hyper step from the same M_0
+  # (later steps would start from different Ms and no longer compare).
+  grads = [jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1)), params) for i in range(2)]
+
+  def hyper_steps(tx):
+    state = tx.init(params)
+    for g in grads:
+      m_before = state.preconditioners
+      _, state = tx.update(g, state)
+    return jax.tree.map(lambda a, b: b - a, m_before, state.preconditioners)
+
+  calibrated = hyper_steps(fop_optax.scale_by_fop(0.1, 1e-3, max_scale=None))
+  raw = hyper_steps(fop_optax.scale_by_fop(0.1, hyper_optimizer=optax.adam(1e-3), max_scale=None))
+  for name, factor in factors.items():
+    if name != 'bias':
+      assert float(jnp.max(jnp.abs(raw[name]))) > 1e-4, name  # Adam really moved it
+    np.testing.assert_allclose(calibrated[name], factor * raw[name], rtol=1e-5, atol=1e-9)
