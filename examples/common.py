@@ -31,7 +31,7 @@ import fop_optax
 
 __all__ = [
     'ADAM_LR', 'CNN', 'DATASETS', 'FOP_HYPER_LR', 'HD_HYPER_LR', 'MLP', 'OPTIMIZERS',
-    'LABELS', 'FASHION_MNIST_DIR', 'evaluate', 'load_dataset', 'make_model', 'make_optimizer',
+    'LABELS', 'FASHION_MNIST_DIR', 'data_and_model', 'evaluate', 'load_dataset', 'make_model', 'make_optimizer',
     'print_table',
     'save_csv', 'save_json', 'subset', 'summarize', 'train',
 ]
@@ -172,6 +172,12 @@ def make_model(kind: str, input_shape, num_classes: int = 10):
     return lambda seed: MLP(int(np.prod(input_shape)), num_classes=num_classes,
                             rngs=nnx.Rngs(seed))
   raise ValueError(f'unknown model {kind!r}; expected cnn or mlp')
+
+
+def data_and_model(args):
+  """``(data, model_fn)`` from the scripts' shared flags: dataset, data_dir, subset, test_subset, model."""
+  data = subset(load_dataset(args.dataset, args.data_dir), args.subset, args.test_subset)
+  return data, make_model(args.model, data[0].shape[1:], int(data[1].max()) + 1)
 
 
 # --------------------------------------------------------------------------- optimisers

@@ -108,9 +108,7 @@ def plot_adam(acc, lrs, title, path):
 
 def main(argv=None):
   args = parse_args(argv)
-  data = common.load_dataset(args.dataset, args.data_dir)
-  data = common.subset(data, args.subset, args.test_subset)
-  model_fn = common.make_model(args.model, data[0].shape[1:], int(data[1].max()) + 1)
+  data, model_fn = common.data_and_model(args)
   families = _families(args.hyper_lr)
   print(f'{args.dataset} {args.model}: {len(data[0])} train / {len(data[2])} test, '
         f'{args.epochs} epochs, batch {args.batch_size}, {args.seeds} seed(s), '
