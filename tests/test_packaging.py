@@ -27,15 +27,10 @@ import zipfile
 
 import pytest
 
-pytest.importorskip('build')  # fallback only: the test extra installs build and twine
-pytest.importorskip('twine')
-
-from packaging.requirements import Requirement  # noqa: E402  (a dependency of build)
-
 try:
   import tomllib
 except ModuleNotFoundError:  # Python 3.10: build depends on tomli there
-  import tomli as tomllib
+  tomllib = pytest.importorskip('tomli')
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / 'pyproject.toml').read_text())
@@ -52,6 +47,7 @@ def _readme_snippets():
 
 
 def _build_requirements_installed():
+  from packaging.requirements import Requirement  # a dependency of build
   for spec in PYPROJECT['build-system']['requires']:
     req = Requirement(spec)
     try:
@@ -73,6 +69,7 @@ def _run(cmd, **kwargs):
 
 @pytest.fixture(scope='module')
 def dist(tmp_path_factory):
+  pytest.importorskip('build')  # fallback only: the test extra installs build and twine
   out = tmp_path_factory.mktemp('dist')
   isolation = ['--no-isolation'] if _build_requirements_installed() else []
   _run([sys.executable, '-m', 'build', *isolation, '--outdir', out, ROOT], timeout=300)
@@ -107,6 +104,7 @@ def test_sdist_holds_what_a_build_needs(dist):
 
 
 def test_twine_check_accepts_both(dist):
+  pytest.importorskip('twine')
   result = _run([sys.executable, '-m', 'twine', 'check', '--strict', *dist], timeout=120)
   assert result.stdout.count('PASSED') == 2, result.stdout
 
@@ -144,3 +142,22 @@ def test_wheel_in_a_fresh_venv_runs_the_readme_snippet(dist, tmp_path):
   assert not pathlib.Path(report['file']).resolve().is_relative_to(ROOT), report
   assert report['version'] == VERSION and not report['editable'], report
   assert math.isfinite(report['loss']), report
+
+
+FOP_AUTHORS = ['Moskovitz', 'Wang', 'Lan', 'Kapoor', 'Miconi', 'Yosinski', 'Rawal']  # arXiv:1910.08461
+
+
+def test_citation_metadata_matches_the_package_and_the_readme():
+  yaml = pytest.importorskip('yaml')  # PyYAML comes with flax (the examples extra)
+  cff = yaml.safe_load((ROOT / 'CITATION.cff').read_text(encoding='utf-8'))
+  assert cff['cff-version'] == '1.2.0'
+  assert str(cff['version']) == VERSION
+  assert cff['license'] == PYPROJECT['project']['license']
+  fop = cff['references'][0]
+  assert '1910.08461' in fop['url']
+  assert [a['family-names'] for a in fop['authors']] == FOP_AUTHORS
+  readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+  bibtex = readme[readme.index('```bibtex'):]
+  bibtex = bibtex[:bibtex.index('```', 3)]
+  assert '1910.08461' in bibtex
+  assert all(name in bibtex for name in FOP_AUTHORS), bibtex
