@@ -32,11 +32,11 @@ def _finish(tx, skip_nonfinite: bool):
 
 
 def _fop_then(base, learning_rate, hyper_learning_rate, hyper_optimizer, structures,
-              normalize, max_full_dim, rank, skip_nonfinite):
+              normalize, max_full_dim, rank, skip_nonfinite, max_scale):
   """FOP's preconditioning followed by ``base`` (which applies the learning rate)."""
   fop_tx = transform.scale_by_fop(
       learning_rate, hyper_learning_rate, hyper_optimizer, structures,
-      normalize=normalize, max_full_dim=max_full_dim, rank=rank)
+      normalize=normalize, max_full_dim=max_full_dim, rank=rank, max_scale=max_scale)
   return _finish(optax.chain(fop_tx, base), skip_nonfinite)
 
 
@@ -52,6 +52,7 @@ def fop(
     max_full_dim: Optional[int] = None,
     rank: Optional[int] = None,
     skip_nonfinite: bool = True,
+    max_scale: Optional[float] = transform.DEFAULT_MAX_SCALE,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum on FOP-preconditioned gradients (the paper's main set-up).
 
@@ -71,13 +72,15 @@ def fop(
     rank: rank of low-rank preconditioners (default 8).
     skip_nonfinite: skip steps with NaN/Inf gradients (see
       :func:`fop_optax.skip_nonfinite`).
+    max_scale: the guard's bound on ``λ_max(P)``, see
+      :func:`fop_optax.scale_by_fop`; ``None`` disables it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
   return _fop_then(optax.sgd(learning_rate, _no_zero_momentum(momentum), nesterov),
                    learning_rate, hyper_learning_rate, hyper_optimizer, structures,
-                   normalize, max_full_dim, rank, skip_nonfinite)
+                   normalize, max_full_dim, rank, skip_nonfinite, max_scale)
 
 
 def fop_adam(
@@ -93,6 +96,7 @@ def fop_adam(
     max_full_dim: Optional[int] = None,
     rank: Optional[int] = None,
     skip_nonfinite: bool = True,
+    max_scale: Optional[float] = transform.DEFAULT_MAX_SCALE,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam on FOP-preconditioned gradients: ``optax.adam`` fed ``P·g``.
 
@@ -103,14 +107,14 @@ def fop_adam(
     learning_rate: a float or an optax schedule.
     b1, b2, eps: as for ``optax.adam``.
     hyper_learning_rate, hyper_optimizer, structures, normalize, max_full_dim,
-      rank, skip_nonfinite: as for :func:`fop`.
+      rank, skip_nonfinite, max_scale: as for :func:`fop`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
   return _fop_then(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
                    learning_rate, hyper_learning_rate, hyper_optimizer, structures,
-                   normalize, max_full_dim, rank, skip_nonfinite)
+                   normalize, max_full_dim, rank, skip_nonfinite, max_scale)
 
 
 def _check_float_rate(learning_rate) -> None:

@@ -28,11 +28,20 @@ name          leaf view / M              memory of M      typical leaf
 ``low_rank``  ``M = I + UVᵀ`` (a×r)      2·a·r            large dense kernels
 ============  =========================  ===============  ====================
 
-``full``, ``spatial`` and ``low_rank`` accept ``normalize=True`` (FOP-norm, the
-paper's Appendix A.2): ``P`` is rescaled to ``a·P / tr(P)``, i.e. to unit mean
-eigenvalue (trace = nuclear norm for a PSD matrix, so this is the normalised
-``P`` of the paper in the norm that keeps ``P = I`` fixed). FOP then only
-rotates the gradient and never changes the effective learning rate.
+``full``, ``spatial`` and ``low_rank`` accept ``normalize=True`` (FOP-norm): ``P``
+is divided by its spectral norm, ``P̃ = P/‖P‖₂``, the normalisation of the
+paper's convergence argument (Theorem 1, ``γ(t) = ‖P‖₂`` at ``δ = 1``). Every
+eigenvalue of ``P̃`` is then at most 1: FOP-norm can shorten the step along
+some directions and rotate it, but never lengthen it along any direction.
+(An earlier version divided by the mean eigenvalue ``tr(P)/a``, which let a
+single direction grow without bound while the mean stayed at 1.)
+
+The guard (``max_scale`` of :func:`fop_optax.scale_by_fop`, see
+:meth:`Structure.clip`) bounds the *largest* eigenvalue ``λ_max(P)`` of every
+structure, computed exactly: the (a×a) eigenvalues for ``full``/``spatial``
+(skipped when a Gershgorin bound already proves the bound holds), the
+(2r×2r) eigenvalues of ``P`` on ``span(U, V)`` for ``low_rank`` (``P = I`` on
+its complement), ``m²`` for ``scalar``/``diagonal``.
 
 The default rule (:func:`default_structure`): 0-d and 1-d leaves get ``none``;
 2-d leaves ``(in, out)`` get ``full`` on the input side when ``in ≤
@@ -190,14 +199,22 @@ class Structure:
     return 1.0
 
   def clip(self, m: jax.Array, max_scale: float) -> jax.Array:
-    """Rescales ``m`` so that ``P`` amplifies gradients by at most ``max_scale``.
+    """Shrinks ``m`` so that ``λ_max(P) ≤ max_scale``: no direction amplified more.
 
-    The bound is on each eigenvalue for ``scalar``/``diagonal``/``low_rank``
-    and on the mean eigenvalue ``tr(P)/a`` for ``full``/``spatial`` (their
-    identity start has ``tr(P)/a = 1``). An ``m`` within the bound is unchanged.
+    ``P = MᵀM`` of the *unnormalised* ``M`` is bounded (FOP-norm's ``P̃`` has
+    ``λ_max = 1`` anyway; the guard then only keeps ``M``'s scale finite).
+    ``full``/``spatial`` scale ``M`` by ``√(max_scale/λ_max)``; ``low_rank``
+    shrinks ``UVᵀ`` to ``c·UVᵀ`` with the largest ``c ∈ [0, 1]`` (by bisection)
+    that meets the bound; ``scalar``/``diagonal`` clip each ``m²``. An ``m``
+    within the bound is returned unchanged. ``max_scale ≥ 1`` (``P = I`` has
+    ``λ_max = 1``).
     """
     del max_scale
     return m
+
+  def max_eigenvalue(self, m: jax.Array) -> jax.Array:
+    """``λ_max`` of the ``P`` this structure applies (after FOP-norm), exactly."""
+    return jnp.max(jnp.square(m)) if m.ndim else jnp.square(m)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +242,9 @@ class NoPreconditioner(Structure):
   def matrix(self, m, shape):
     del m
     return jnp.ones(shape)
+
+  def max_eigenvalue(self, m):
+    return jnp.ones((), m.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +303,7 @@ class Full(Structure):
   Attributes:
     row_axes: how many leading axes form the rows; 1 gives ``a = in`` for a
       dense kernel ``(in, out)``, and ``a = n`` (one column) for a vector.
-    normalize: FOP-norm: use ``a·P/tr(P)`` instead of ``P``.
+    normalize: FOP-norm: use ``P/‖P‖₂`` instead of ``P``.
   """
 
   name: ClassVar[str] = 'full'
@@ -305,7 +325,7 @@ class Full(Structure):
   def _p(self, m):
     p = m.T @ m
     if self.normalize:
-      p = p * (m.shape[0] / _trace_of_mtm(m))
+      p = p / jnp.linalg.eigvalsh(p)[-1]
     return p
 
   def precondition(self, m, g):
@@ -318,23 +338,33 @@ class Full(Structure):
     c = _gram(g.astype(m.dtype), g_prev.astype(m.dtype), self._row_axes(g.shape))
     grad = m @ (c + c.T)
     if self.normalize:
-      # P̃ = s·P with s = a/t, t = tr(P) = ‖M‖²_F, so
-      # ∂J/∂M = −η s [M(C + Cᵀ) − (2/t)⟨C, P⟩ M].
-      t = _trace_of_mtm(m)
-      grad = (m.shape[0] / t) * (grad - (2 / t) * jnp.vdot(c, m.T @ m) * m)
+      # P̃ = P/λ, λ = λ_max(P) = vᵀPv with ∂λ/∂M = 2 M v vᵀ (v its unit
+      # eigenvector; a subgradient where λ_max is not simple), so
+      # ∂J/∂M = −(η/λ) [M(C + Cᵀ) − (2/λ)⟨C, P⟩ M v vᵀ].
+      p = m.T @ m
+      lam, v = _top_eigenpair(p)
+      grad = (grad - (2 * jnp.vdot(c, p) / lam) * jnp.outer(m @ v, v)) / lam
     return -learning_rate * grad
 
   def matrix(self, m, shape):
     del shape
     return self._p(m)
 
+  def max_eigenvalue(self, m):
+    return jnp.linalg.eigvalsh(self._p(m))[-1]
+
   def hyper_step_scale(self, shape):
     # ‖ΔM‖₂ ≤ lr·a for Adam's sign-like steps; the paper's 3×3 kernels have a = 9.
     return min(1.0, REFERENCE_ROWS / max(_rows(shape, self._row_axes(shape)), 1))
 
   def clip(self, m, max_scale):
-    mean_eig = _trace_of_mtm(m) / max(m.shape[0], 1)
-    return m * jnp.sqrt(jnp.minimum(1.0, max_scale / mean_eig)).astype(m.dtype)
+    p = m.T @ m
+    bound = jnp.asarray(max_scale, p.dtype)
+    # Exact λ_max only when the cheap Gershgorin bound cannot rule out a violation.
+    cheap = _gershgorin_bound(p)
+    lam = jax.lax.cond(cheap > bound, lambda q: jnp.linalg.eigvalsh(q)[-1], lambda q: cheap, p)
+    scale = jnp.sqrt(jnp.minimum(1.0, bound / jnp.maximum(lam, jnp.finfo(p.dtype).tiny)))
+    return m * scale.astype(m.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,13 +424,59 @@ class LowRank(Structure):
   def _m(m, x):   # M·x
     return x + m[0] @ (m[1].T @ x)
 
-  def _scale(self, m):
-    """Returns (s, t): P̃ = s·P, t = tr(P) = ‖I + UVᵀ‖²_F (s = 1 without normalize)."""
-    if not self.normalize:
-      return 1.0, None
+  @staticmethod
+  def _subspace(m):
+    """An orthonormal basis of ``span(U, V)`` and the parts of ``P − I`` on it.
+
+    ``P − I = UVᵀ + VUᵀ + V(UᵀU)Vᵀ = B W Bᵀ`` with ``B = [U, V]`` and
+    ``W = [[0, I], [I, UᵀU]]``. ``B``'s columns are first scaled to unit norm,
+    ``B = B̂ D`` (``U`` and ``V`` can differ in scale by orders of magnitude:
+    ``M`` only depends on ``UVᵀ``), so ``P − I = B̂ (D W D) B̂ᵀ``. With
+    ``B̂ᵀB̂ = E diag(s) Eᵀ``, ``Ψ = B̂ E diag(s)^{-1/2}`` has orthonormal columns
+    (directions with ``s ≈ 0`` dropped) and ``P − I = Ψ T Ψᵀ``,
+    ``T = diag(√s) Eᵀ (D W D) E diag(√s)`` (2r×2r); ``P = I`` on the complement
+    of ``span(U, V)``. Returns ``(B̂, E, √s, 1/√s, UᵀU, D)``.
+    """
     u, v = m[0], m[1]
-    t = u.shape[0] + 2 * jnp.vdot(u, v) + jnp.vdot(u.T @ u, v.T @ v)
-    return u.shape[0] / t, t
+    b = jnp.concatenate([u, v], axis=1)
+    d = jnp.sqrt(jnp.sum(jnp.square(b), axis=0))
+    b_hat = b / jnp.where(d > 0, d, 1.0)
+    s, e = jnp.linalg.eigh(b_hat.T @ b_hat)
+    keep = s > jnp.finfo(m.dtype).eps * jnp.maximum(s[-1], jnp.finfo(m.dtype).tiny) * b.shape[1]
+    sqrt_s = jnp.where(keep, jnp.sqrt(jnp.where(keep, s, 1.0)), 0.0)
+    inv_sqrt_s = jnp.where(keep, 1.0 / jnp.where(keep, sqrt_s, 1.0), 0.0)
+    return b_hat, e, sqrt_s, inv_sqrt_s, u.T @ u, d
+
+  @staticmethod
+  def _t(e, sqrt_s, k, d, c):
+    """``T(c)``: ``P − I`` on ``span(U, V)`` for ``M = I + c·UVᵀ`` (see ``_subspace``)."""
+    r = k.shape[0]
+    eye = jnp.eye(r, dtype=k.dtype)
+    w = jnp.block([[jnp.zeros_like(k), c * eye], [c * eye, c * c * k]])
+    w = d[:, None] * w * d[None, :]
+    f = e * sqrt_s[None, :]
+    return f.T @ w @ f
+
+  def _top(self, m):
+    """``(λ_max(P), v)``: ``v`` its unit eigenvector in ``span(U, V)``, or 0 where ``λ_max = 1``.
+
+    ``λ_max = 1 + max(μ, 0)`` with ``μ`` the top eigenvalue of ``T`` (the complement of
+    ``span(U, V)`` keeps eigenvalue 1 whenever ``a > 2r``).
+    """
+    b, e, sqrt_s, inv_sqrt_s, k, d = self._subspace(m)
+    mu, y = jnp.linalg.eigh(self._t(e, sqrt_s, k, d, 1.0))
+    has_complement = b.shape[0] > b.shape[1]
+    grows = mu[-1] > 0 if has_complement else jnp.array(True)
+    lam = 1 + (jnp.maximum(mu[-1], 0.0) if has_complement else mu[-1])
+    v = b @ (e @ (inv_sqrt_s * y[:, -1]))
+    return lam, jnp.where(grows, v, jnp.zeros_like(v))
+
+  def _scale(self, m):
+    """``(s, λ, v)``: ``P̃ = s·P`` (``s = 1/λ_max`` with normalize, else 1)."""
+    if not self.normalize:
+      return 1.0, None, None
+    lam, v = self._top(m)
+    return 1.0 / lam, lam, v
 
   @staticmethod
   def _factors(m):
@@ -413,7 +489,7 @@ class LowRank(Structure):
     return jnp.concatenate([u, v], axis=1), jnp.concatenate([v, mtu], axis=1)
 
   def precondition(self, m, g):
-    s, _ = self._scale(m)
+    s, _, _ = self._scale(m)
     left, right = self._factors(m)
     x = g.astype(m.dtype)
     # P·G = G + L (Rᵀ G): two (a×2r)-wide products, each one pass over G.
@@ -432,19 +508,24 @@ class LowRank(Structure):
     sx = _contract_cols(gt, xgp, rows) + _contract_cols(gp, _contract_rows(x, gt, rows), rows)
     r = u.shape[1]
     du, dv = self._m(m, sx[:, :r]), sx[:, r:]
-    s, t = self._scale(m)
+    s, lam, top = self._scale(m)
     if self.normalize:
-      # Extra term of ∂J/∂M: −(2/t)⟨C, P⟩ M, with
-      # ⟨C, P⟩ = ⟨G_t, P G_p⟩ = ⟨G_t, G_p⟩ + ⟨Lᵀ G_t, Rᵀ G_p⟩.
+      # P̃ = P/λ: H = −(η/λ)[M S − (2/λ)⟨C, P⟩ M v vᵀ] (see Full.hypergradient), with
+      # ⟨C, P⟩ = ⟨G_t, P G_p⟩ = ⟨G_t, G_p⟩ + ⟨Lᵀ G_t, Rᵀ G_p⟩; the extra term's
+      # U-part is (Mv)(vᵀV) and its V-part v((Mv)ᵀU).
       cp = jnp.vdot(gt, gp) + jnp.vdot(_contract_rows(left, gt, rows), xgp)
-      du = du - (2 / t) * cp * self._m(m, v)
-      dv = dv - (2 / t) * cp * x[:, r:]
+      mv = self._m(m, top[:, None])[:, 0]
+      du = du - (2 * cp / lam) * jnp.outer(mv, top @ v)
+      dv = dv - (2 * cp / lam) * jnp.outer(top, mv @ u)
     return -learning_rate * s * jnp.stack([du, dv])
 
   def matrix(self, m, shape):
     mm = self._m(m, jnp.eye(m.shape[1], dtype=m.dtype))
-    s, _ = self._scale(m)
+    s, _, _ = self._scale(m)
     return s * (mm.T @ mm)
+
+  def max_eigenvalue(self, m):
+    return jnp.ones((), m.dtype) if self.normalize else self._top(m)[0]
 
   def hyper_step_scale(self, shape):
     # ‖Δ(UVᵀ)‖₂ ≤ lr·√(a·r) for Adam's sign-like steps on the (a×r) factors.
@@ -452,17 +533,46 @@ class LowRank(Structure):
     return min(1.0, REFERENCE_ROWS / math.sqrt(max(a * min(self.rank, a), 1)))
 
   def clip(self, m, max_scale):
-    # ‖M‖₂ ≤ 1 + ‖UVᵀ‖_F, so ‖UVᵀ‖_F ≤ √max_scale − 1 bounds every eigenvalue of P.
+    # M(c) = I + c·UVᵀ: ‖M(c)‖₂² is convex in c with value 1 at c = 0, so the c
+    # meeting λ_max ≤ max_scale form an interval [0, c*]; bisection keeps the
+    # feasible end. Skipped (c = 1) when the bound already holds.
     u, v = m[0], m[1]
-    norm = jnp.sqrt(jnp.maximum(jnp.vdot(u.T @ u, v.T @ v), 0.0))
-    limit = jnp.maximum(jnp.sqrt(jnp.asarray(max_scale, m.dtype)) - 1, 0.0)
-    c = jnp.minimum(1.0, limit / jnp.maximum(norm, jnp.finfo(m.dtype).tiny))
+    bound = jnp.asarray(max_scale, m.dtype)
+    b, e, sqrt_s, _, k, d = self._subspace(m)
+    has_complement = b.shape[0] > b.shape[1]
+
+    def lam(c):
+      mu = jnp.linalg.eigvalsh(self._t(e, sqrt_s, k, d, c))[-1]
+      return 1 + (jnp.maximum(mu, 0.0) if has_complement else mu)
+
+    def shrink(_):
+      def body(_, lo_hi):
+        lo, hi = lo_hi
+        mid = 0.5 * (lo + hi)
+        ok = lam(mid) <= bound
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+      lo, _ = jax.lax.fori_loop(0, _BISECTION_STEPS, body,
+                                (jnp.zeros((), m.dtype), jnp.ones((), m.dtype)))
+      return lo
+
+    c = jax.lax.cond(lam(jnp.ones((), m.dtype)) > bound, shrink,
+                     lambda _: jnp.ones((), m.dtype), None)
     return jnp.stack([u, c * v])
 
 
-def _trace_of_mtm(m):
-  # tr(MᵀM) = ‖M‖²_F; the floor only matters for an all-zero M.
-  return jnp.maximum(jnp.vdot(m, m), jnp.finfo(m.dtype).tiny)
+def _top_eigenpair(p):
+  """``(λ_max, v)`` of a symmetric ``p``: its largest eigenvalue and a unit eigenvector."""
+  w, z = jnp.linalg.eigh(p)
+  return w[-1], z[:, -1]
+
+
+def _gershgorin_bound(p):
+  """``max_i Σ_j |p_ij|``, an upper bound on every eigenvalue of a symmetric ``p`` (cheap)."""
+  return jnp.max(jnp.sum(jnp.abs(p), axis=1))
+
+
+# Bisection steps of the low-rank guard: the shrink factor of UVᵀ is found to 2⁻¹⁶.
+_BISECTION_STEPS = 16
 
 
 _BY_NAME: dict[str, Callable[[], Structure]] = {

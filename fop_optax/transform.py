@@ -48,6 +48,10 @@ class FopState(NamedTuple):
   hyper_state: optax.OptState
 
 
+# The guard's default bound on λ_max(P); see scale_by_fop's max_scale.
+DEFAULT_MAX_SCALE = 100.0
+
+
 def _check_number(name: str, value: Any, *, allow_zero: bool) -> None:
   # Only Python numbers are checked: arrays may be tracers (inject_hyperparams).
   if isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -103,7 +107,7 @@ def scale_by_fop(
     normalize: bool = False,
     matrix_dtype: Optional[Any] = None,
     seed: Optional[int] = None,
-    max_scale: Optional[float] = 100.0,
+    max_scale: Optional[float] = DEFAULT_MAX_SCALE,
 ) -> optax.GradientTransformationExtraArgs:
   r"""First-order preconditioning: replaces each gradient ``g`` by ``P·g``, ``P = MᵀM``.
 
@@ -159,16 +163,16 @@ def scale_by_fop(
       ``optax.inject_hyperparams`` leaves it static.
     rank: rank of the low-rank form (default 8).
     normalize: FOP-norm for structures chosen by the default rule or by label:
-      ``P`` is rescaled to unit mean eigenvalue so that it only rotates.
+      ``P`` is divided by its spectral norm ``‖P‖₂`` (the paper's Theorem 1), so
+      no direction's step is ever lengthened; FOP-norm only rotates and shortens.
     matrix_dtype: dtype of the ``M``s; default float32 (float64 for float64 leaves).
     seed: seeds the random orthonormal ``U`` that low-rank preconditioners start from
       (default 0).
-    max_scale: guard against ``M`` blowing up: after each hyper step ``M`` is
-      rescaled so that ``P`` amplifies gradients at most ``max_scale`` times
-      (every eigenvalue for scalar/diagonal/low-rank, the mean eigenvalue
-      ``tr(P)/a`` for full/spatial; see ``Structure.clip``). A ``P`` within
-      the bound is untouched, so the paper's algorithm is unchanged until
-      then. ``None`` disables it.
+    max_scale: the guard: after each hyper step ``M`` is shrunk so that the
+      largest eigenvalue of every ``P`` is at most ``max_scale``, i.e. no
+      direction's step is more than ``max_scale`` times the base optimiser's
+      (exact ``λ_max``, see ``Structure.clip``). A ``P`` within the bound is
+      untouched. Must be ``>= 1`` (``P`` starts at ``I``); ``None`` disables it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`FopState`.
@@ -182,6 +186,10 @@ def scale_by_fop(
   _check_number('hyper_learning_rate', hyper_learning_rate, allow_zero=True)
   if max_scale is not None:
     _check_number('max_scale', max_scale, allow_zero=False)
+    if isinstance(max_scale, numbers.Real) and max_scale < 1:
+      raise ValueError(
+          f'max_scale must be >= 1 (P starts at the identity, whose largest eigenvalue is 1), '
+          f'got {max_scale}')
   # The default hyper step is calibrated per leaf (Structure.hyper_step_scale);
   # a hyper_optimizer given by the user is applied as it is.
   calibrate = hyper_optimizer is None

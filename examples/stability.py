@@ -1,0 +1,255 @@
+"""Long-run stability of FOP: what P learns over training, and whether the run survives.
+
+Trains the classification examples' models (``examples/common.py``) with a functional,
+``lax.scan``-compiled loop (one dispatch per ``--log-every`` steps, so 15-epoch batch-32 runs fit a
+CPU) and logs, every ``--log-every`` steps, for every preconditioned leaf: ``λ_max(P)`` and the mean
+eigenvalue of ``P`` (:func:`fop_optax.diagnostics.spectra`), the minibatch loss, and, with
+``--sharpness``, ``λ_max`` of the loss Hessian ``H`` and of the preconditioned ``P·H`` on a fixed
+batch (power iteration with Hessian-vector products), against the heavy-ball stability limit
+``η·λ_max(P·H) < 2(1+β)``. Test accuracy after every epoch.
+
+Optimisers are given as ``name[:key=value,...]`` with ``name`` in ``momentum``, ``adam``,
+``fop``, ``fop_norm``, ``fop_adam``; keys are passed to the alias (``max_scale``,
+``normalize``, ``hyper_learning_rate``), e.g. ``fop:max_scale=none``. Each finished run is written
+to ``<out>/runs/<optimizer>_seed<k>.json`` at once and skipped on a rerun, so an interrupted sweep
+resumes where it stopped.
+
+Example (the issue's collapse, batch 32)::
+
+  python3 examples/stability.py --dataset fashion_mnist --model mlp --epochs 15 --seeds 2 \\
+      --batch-size 32 --optimizers momentum,fop,fop_norm --out results/stability_mlp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import fop_optax  # noqa: E402
+
+ADAM_LR = common.ADAM_LR
+
+
+def parse_optimizer(spec: str):
+  """``'fop:max_scale=2,normalize=1'`` → ``('fop', {'max_scale': 2.0, 'normalize': True})``."""
+  name, _, rest = spec.partition(':')
+  kwargs = {}
+  for item in filter(None, rest.split(';' if ';' in rest else ',')):
+    key, _, value = item.partition('=')
+    if value.lower() == 'none':
+      kwargs[key] = None
+    elif key == 'normalize':
+      kwargs[key] = value.lower() in ('1', 'true', 'yes')
+    else:
+      kwargs[key] = float(value)
+  return name, kwargs
+
+
+def make_tx(spec: str, learning_rate: float, momentum: float):
+  name, kw = parse_optimizer(spec)
+  if name == 'momentum':
+    return optax.sgd(learning_rate, momentum=momentum or None)
+  if name == 'adam':
+    return optax.adam(ADAM_LR)
+  if name in ('fop', 'fop_norm'):
+    kw.setdefault('normalize', name == 'fop_norm')
+    return fop_optax.fop(learning_rate, momentum, **kw)
+  if name == 'fop_adam':
+    return fop_optax.fop_adam(ADAM_LR, **kw)
+  raise ValueError(f'unknown optimiser {spec!r}')
+
+
+def _loss_fn(graphdef):
+  def loss(params, x, y):
+    model = nnx.merge(graphdef, params)
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+  return loss
+
+
+def _power_iteration(matvec, like, iters: int, key):
+  """Largest-magnitude eigenvalue of a linear map on pytrees (Rayleigh quotient at the end)."""
+  v = jax.tree.map(lambda x, k: jax.random.normal(k, x.shape, x.dtype), like,
+                   jax.tree.unflatten(jax.tree.structure(like),
+                                      list(jax.random.split(key, len(jax.tree.leaves(like))))))
+  def normalise(t):
+    n = jnp.sqrt(sum(jnp.vdot(a, a) for a in jax.tree.leaves(t)))
+    return jax.tree.map(lambda a: a / n, t)
+  v = normalise(v)
+  def body(_, v):
+    return normalise(matvec(v))
+  v = jax.lax.fori_loop(0, iters, body, v)
+  w = matvec(v)
+  return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(w)))
+
+
+def run_one(spec, data, model_fn, args, seed):
+  x_train, y_train, x_test, y_test = data
+  model = model_fn(seed)
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = jax.tree.map(jnp.asarray, nnx.to_pure_dict(params))
+  loss_fn = _loss_fn(graphdef)
+  loss_fn_pure = lambda p, x, y: loss_fn(_restore(graphdef, model, p), x, y)
+  tx = make_tx(spec, args.lr, args.momentum)
+  state = tx.init(params)
+  has_fop = any(isinstance(s, fop_optax.FopState) for s in jax.tree.leaves(
+      state, is_leaf=lambda s: isinstance(s, fop_optax.FopState)))
+  _, kw = parse_optimizer(spec)
+  normalize = kw.get('normalize', spec.startswith('fop_norm'))
+
+  @jax.jit
+  def chunk(params, state, xs, ys):
+    def body(carry, batch):
+      params, state = carry
+      loss, grads = jax.value_and_grad(loss_fn_pure)(params, *batch)
+      updates, state = tx.update(grads, state, params)
+      return (optax.apply_updates(params, updates), state), loss
+    (params, state), losses = jax.lax.scan(body, (params, state), (xs, ys))
+    return params, state, losses
+
+  @jax.jit
+  def evaluate(params, x, y):
+    logits = nnx.merge(graphdef, _as_state(graphdef, model, params))(x)
+    return (logits.argmax(-1) == y).mean()
+
+  probe_x, probe_y = jnp.asarray(x_train[:1024]), jnp.asarray(y_train[:1024])
+
+  @jax.jit
+  def sharpness(params, state):
+    hvp = lambda v: jax.jvp(lambda p: jax.grad(loss_fn_pure)(p, probe_x, probe_y), (params,), (v,))[1]
+    key = jax.random.key(0)
+    h = _power_iteration(hvp, params, args.sharpness_iters, key)
+    if not has_fop:
+      return h, h
+    fop_state = fop_optax.diagnostics.find_fop_state(state)
+    structs = jax.tree.leaves(fop_optax.resolve_structures(params, normalize=normalize))
+    def phv(v):
+      hv = jax.tree.leaves(hvp(v))
+      return jax.tree.unflatten(jax.tree.structure(params), [
+          s.precondition(m, x) for s, m, x in zip(structs, jax.tree.leaves(
+              fop_state.preconditioners), hv)])
+    return h, _power_iteration(phv, params, args.sharpness_iters, key)
+
+  def spectra(state):
+    if not has_fop:
+      return {}
+    spec_tree = fop_optax.diagnostics.spectra(state, params, normalize=normalize)
+    out = {}
+    for path, ev in jax.tree_util.tree_flatten_with_path(spec_tree)[0]:
+      ev = np.asarray(ev)
+      out[jax.tree_util.keystr(path)] = {'max': float(ev[0]), 'mean_leading': float(ev.mean()),
+                                          'min': float(ev[-1])}
+    return out
+
+  steps_per_epoch = len(x_train) // args.batch_size
+  rng = np.random.default_rng(seed)
+  log = {'step': [], 'loss': [], 'spectra': [], 'sharpness': [], 'sharpness_p': []}
+  epochs = {'epoch': [], 'test_accuracy': [], 'train_loss': []}
+  step = 0
+  t0 = time.perf_counter()
+  for epoch in range(args.epochs):
+    perm = rng.permutation(len(x_train))[:steps_per_epoch * args.batch_size]
+    perm = perm.reshape(steps_per_epoch, args.batch_size)
+    epoch_losses = []
+    for start in range(0, steps_per_epoch, args.log_every):
+      idx = perm[start:start + args.log_every]
+      params, state, losses = chunk(params, state, jnp.asarray(x_train[idx]),
+                                    jnp.asarray(y_train[idx]))
+      losses = np.asarray(losses)
+      epoch_losses.append(losses)
+      step += len(idx)
+      log['step'].append(step)
+      log['loss'].append(float(np.mean(losses)))
+      log['spectra'].append(spectra(state))
+      if args.sharpness:
+        h, ph = sharpness(params, state)
+        log['sharpness'].append(float(h))
+        log['sharpness_p'].append(float(ph))
+    acc = float(np.mean([float(evaluate(params, jnp.asarray(x_test[i:i + 2000]),
+                                        jnp.asarray(y_test[i:i + 2000])))
+                         for i in range(0, len(x_test), 2000)]))
+    epochs['epoch'].append(epoch + 1)
+    epochs['test_accuracy'].append(acc)
+    epochs['train_loss'].append(float(np.mean(np.concatenate(epoch_losses))))
+    top = max((v['max'] for v in log['spectra'][-1].values()), default=float('nan'))
+    print(f'{spec} seed {seed} epoch {epoch + 1}: loss {epochs["train_loss"][-1]:.4f} '
+          f'test acc {acc:.4f} max λ_max(P) {top:.3f} ({time.perf_counter() - t0:.0f}s)', flush=True)
+  skipped = [int(s.skipped_steps) for s in jax.tree.leaves(
+      state, is_leaf=lambda s: isinstance(s, fop_optax.SkipNonFiniteState))
+      if isinstance(s, fop_optax.SkipNonFiniteState)]
+  return {'optimizer': spec, 'seed': seed, 'log': log, 'epochs': epochs,
+          'skipped_steps': skipped[0] if skipped else 0, 'seconds': time.perf_counter() - t0}
+
+
+def _as_state(graphdef, model, params):
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  return state
+
+
+def _restore(graphdef, model, params):
+  return _as_state(graphdef, model, params)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--dataset', default='fashion_mnist', choices=common.DATASETS)
+  parser.add_argument('--data-dir', default=None)
+  parser.add_argument('--model', default='mlp', choices=('mlp', 'cnn'))
+  parser.add_argument('--subset', type=int, default=None)
+  parser.add_argument('--test-subset', type=int, default=None)
+  parser.add_argument('--epochs', type=int, default=15)
+  parser.add_argument('--seeds', type=int, default=2)
+  parser.add_argument('--seed-offset', type=int, default=0)
+  parser.add_argument('--batch-size', type=int, default=32)
+  parser.add_argument('--lr', type=float, default=0.05)
+  parser.add_argument('--momentum', type=float, default=0.9)
+  parser.add_argument('--optimizers', default='momentum,fop,fop_norm',
+                      help='comma-free list separated by "+" or "," of name[:key=value;...]')
+  parser.add_argument('--log-every', type=int, default=250)
+  parser.add_argument('--sharpness', action='store_true')
+  parser.add_argument('--sharpness-iters', type=int, default=20)
+  parser.add_argument('--out', default='results/stability')
+  args = parser.parse_args(argv)
+  data, model_fn = common.data_and_model(args)
+  specs = [s for s in args.optimizers.replace('+', ' ').replace(',', ' ').split() if s]
+  os.makedirs(os.path.join(args.out, 'runs'), exist_ok=True)
+  with open(os.path.join(args.out, 'command.txt'), 'w') as f:
+    f.write('python3 examples/stability.py ' + ' '.join(argv if argv is not None else sys.argv[1:]) + '\n')
+  results = []
+  for spec in specs:
+    for seed in range(args.seed_offset, args.seed_offset + args.seeds):
+      path = os.path.join(args.out, 'runs', f'{spec.replace(":", "__").replace(";", "_")}_seed{seed}.json')
+      if os.path.exists(path):
+        with open(path) as f:
+          results.append(json.load(f))
+        print(f'{spec} seed {seed}: done before, loaded {path}')
+        continue
+      result = run_one(spec, data, model_fn, args, seed)
+      common.save_json(result, path)
+      results.append(result)
+  rows = []
+  for spec in specs:
+    runs = [r for r in results if r['optimizer'] == spec]
+    accs = [r['epochs']['test_accuracy'][-1] for r in runs]
+    lam = [max((v['max'] for v in r['log']['spectra'][-1].values()), default=float('nan'))
+           for r in runs]
+    rows.append([spec, ', '.join(f'{a:.3f}' for a in accs), f'{np.mean(accs):.3f}',
+                 ', '.join(f'{x:.2f}' for x in lam)])
+  common.print_table(rows, ['optimiser', 'final test acc (seeds)', 'mean', 'max λ_max(P) at end'])
+  return results
+
+
+if __name__ == '__main__':
+  main()
