@@ -8,6 +8,7 @@ skipped instead of poisoning the weights and the learned preconditioners.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Any, Optional
 
@@ -17,6 +18,10 @@ from fop_optax import nonfinite
 from fop_optax import transform
 
 __all__ = ['fop', 'fop_adam', 'sgd_hd', 'adam_hd']
+
+
+# scale_by_fop's own default, read from its signature so the aliases follow it.
+_DEFAULT_MAX_SCALE = inspect.signature(transform.scale_by_fop).parameters['max_scale'].default
 
 
 def _no_zero_momentum(momentum):
@@ -32,11 +37,11 @@ def _finish(tx, skip_nonfinite: bool):
 
 
 def _fop_then(base, learning_rate, hyper_learning_rate, hyper_optimizer, structures,
-              normalize, max_full_dim, rank, skip_nonfinite):
+              normalize, max_full_dim, rank, skip_nonfinite, max_scale):
   """FOP's preconditioning followed by ``base`` (which applies the learning rate)."""
   fop_tx = transform.scale_by_fop(
       learning_rate, hyper_learning_rate, hyper_optimizer, structures,
-      normalize=normalize, max_full_dim=max_full_dim, rank=rank)
+      normalize=normalize, max_full_dim=max_full_dim, rank=rank, max_scale=max_scale)
   return _finish(optax.chain(fop_tx, base), skip_nonfinite)
 
 
@@ -52,6 +57,7 @@ def fop(
     max_full_dim: Optional[int] = None,
     rank: Optional[int] = None,
     skip_nonfinite: bool = True,
+    max_scale: Optional[float] = _DEFAULT_MAX_SCALE,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum on FOP-preconditioned gradients (the paper's main set-up).
 
@@ -71,13 +77,16 @@ def fop(
     rank: rank of low-rank preconditioners (default 8).
     skip_nonfinite: skip steps with NaN/Inf gradients (see
       :func:`fop_optax.skip_nonfinite`).
+    max_scale: the guard's bound on how much ``P`` may amplify a gradient,
+      passed to :func:`fop_optax.scale_by_fop` (same default); ``None``
+      disables the guard.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
   return _fop_then(optax.sgd(learning_rate, _no_zero_momentum(momentum), nesterov),
                    learning_rate, hyper_learning_rate, hyper_optimizer, structures,
-                   normalize, max_full_dim, rank, skip_nonfinite)
+                   normalize, max_full_dim, rank, skip_nonfinite, max_scale)
 
 
 def fop_adam(
@@ -93,6 +102,7 @@ def fop_adam(
     max_full_dim: Optional[int] = None,
     rank: Optional[int] = None,
     skip_nonfinite: bool = True,
+    max_scale: Optional[float] = _DEFAULT_MAX_SCALE,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam on FOP-preconditioned gradients: ``optax.adam`` fed ``P·g``.
 
@@ -103,14 +113,14 @@ def fop_adam(
     learning_rate: a float or an optax schedule.
     b1, b2, eps: as for ``optax.adam``.
     hyper_learning_rate, hyper_optimizer, structures, normalize, max_full_dim,
-      rank, skip_nonfinite: as for :func:`fop`.
+      rank, skip_nonfinite, max_scale: as for :func:`fop`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
   return _fop_then(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
                    learning_rate, hyper_learning_rate, hyper_optimizer, structures,
-                   normalize, max_full_dim, rank, skip_nonfinite)
+                   normalize, max_full_dim, rank, skip_nonfinite, max_scale)
 
 
 def _check_float_rate(learning_rate) -> None:
