@@ -100,7 +100,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -579,13 +579,14 @@ def _attention_blocks(all_names: Sequence[tuple[str, ...]]) -> set[tuple[str, ..
   return {prefix for prefix, kids in children.items() if wanted <= kids}
 
 
-def leaf_role(names: Sequence[str], attention_blocks: Any = ()) -> str:
+def leaf_role(names: Sequence[str],
+              attention_blocks: Collection[tuple[str, ...]] = frozenset()) -> str:
   """What the default rule takes a leaf to be, from its names (one of ``ROLES``).
 
   Args:
     names: the leaf's path as strings (:func:`leaf_names`).
-    attention_blocks: prefixes of ``names`` that are attention blocks (nodes
-      with children ``query``, ``key``, ``value``, ``out``);
+    attention_blocks: the paths (tuples of names) of the tree's attention
+      blocks, nodes with children ``query``, ``key``, ``value`` and ``out``;
       :func:`resolve_structures` finds them in the whole tree.
 
   Returns:
@@ -602,7 +603,7 @@ def leaf_role(names: Sequence[str], attention_blocks: Any = ()) -> str:
     return 'norm_or_bias'
   if name.lower().endswith('embedding'):
     return 'embedding'
-  if name == 'kernel' and len(names) >= 2 and names[:-2] in set(map(tuple, attention_blocks)):
+  if name == 'kernel' and len(names) >= 2 and names[:-2] in attention_blocks:
     if names[-2] in _ATTENTION_INPUTS:
       return 'attention_input'
     if names[-2] == _ATTENTION_OUTPUT:

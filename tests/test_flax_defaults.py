@@ -128,7 +128,9 @@ def test_a_lone_out_layer_is_not_attention():
   got = _named_structures(params)
   assert got['out/kernel'] == S.Spatial()
   assert got['attn/query/kernel'] == S.Spatial()   # rank 3, 8 rows: same view as Full(1)
-  assert S.leaf_role(('attn', 'query', 'kernel'), S._attention_blocks([])) == 'other'
+  assert S.leaf_role(('attn', 'query', 'kernel')) == 'other'
+  assert S.leaf_role(('attn', 'query', 'kernel'), {('attn',)}) == 'attention_input'
+  assert S.leaf_role(('attn', 'out', 'kernel'), {('attn',)}) == 'attention_output'
 
 
 def test_unnamed_leaves_fall_back_to_shape():
@@ -156,6 +158,29 @@ def test_overrides_still_win():
   assert got['embedding'] == S.LowRank(rank=8, row_axes=1)        # by label, as asked
   with pytest.raises(ValueError, match='unknown leaf role'):
     S.default_structure((3, 4), 'conv')
+
+
+@pytest.mark.parametrize('two_axes, one_axis', [
+    (S.Full(row_axes=2), S.Full(row_axes=1)),
+    (S.Full(row_axes=2, normalize=True), S.Full(row_axes=1, normalize=True)),
+    (S.LowRank(rank=3, row_axes=2), S.LowRank(rank=3, row_axes=1)),
+    (S.LowRank(rank=3, row_axes=2, normalize=True), S.LowRank(rank=3, row_axes=1, normalize=True)),
+])
+def test_two_input_axes_are_the_flattened_matrix(two_axes, one_axis):
+  # An attention `out` kernel (heads, head_dim, out) with row_axes=2 is
+  # preconditioned exactly as its (heads·head_dim, out) matrix.
+  shape, flat = (4, 8, 6), (32, 6)
+  keys = jax.random.split(jax.random.key(0), 4)
+  m = two_axes.init(shape, jnp.float32, keys[0])
+  assert m.shape == one_axis.init(flat, jnp.float32, keys[0]).shape
+  m = m + 0.1 * jax.random.normal(keys[1], m.shape)   # away from P = I
+  g, g_prev = jax.random.normal(keys[2], shape), jax.random.normal(keys[3], shape)
+  np.testing.assert_allclose(two_axes.precondition(m, g).reshape(flat),
+                             one_axis.precondition(m, g.reshape(flat)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(two_axes.hypergradient(m, g, g_prev, 0.1),
+                             one_axis.hypergradient(m, g.reshape(flat), g_prev.reshape(flat), 0.1),
+                             rtol=1e-5, atol=1e-5)
+  assert two_axes.hyper_step_scale(shape) == one_axis.hyper_step_scale(flat)
 
 
 def _batch(i):
