@@ -38,7 +38,8 @@ eigenvalue (trace = nuclear norm for a PSD matrix, so this is the normalised
 rotates the gradient and never changes the effective learning rate.
 
 The default rule (:func:`default_structure`) follows what a leaf *is*, read
-from its name (the last entry of its path; a Flax NNX ``Variable``'s trailing
+from its path (its own name, the last entry; for an attention kernel also its
+layer's name and that layer's siblings; a Flax NNX ``Variable``'s trailing
 ``.value`` is dropped) and its shape, as :func:`leaf_role` reports it. Below,
 "dense over ``k`` axes" means rows = the leaf's first ``k`` axes, ``a`` their
 product: ``full`` (``Full(row_axes=k)``) when ``a ≤ max_full_dim`` (default
@@ -81,9 +82,10 @@ conv) is not one. Why these choices:
   up to 4×4×4; a kernel whose leading axes hold more than 64 "taps" is far more
   likely features (an attention or ``LinearGeneral`` kernel) and a full
   ``(∏lead)²`` matrix could be huge (512² for ``in = 512``), so it is treated
-  as a dense kernel over its leading axes. For rank-3 leaves that is the
-  first axis, which is also what ``spatial`` does for a 1-D conv kernel
-  ``(taps, in, out)``: the two agree whenever both could apply.
+  as a dense kernel over its leading axes. For a rank-3 leaf both views have
+  the same rows, its first axis (``spatial`` over a 1-D kernel's taps is
+  ``Full(row_axes=1)``); they differ only in that more than 64 rows get a
+  low-rank ``M`` (with the default ``max_full_dim``).
 * Attention kernels are dense kernels whose input is one axis (``query``/
   ``key``/``value``: ``in``) or two (``out``: ``heads × head_dim``), so FOP
   preconditions the same side it preconditions for ``nnx.Linear``.
