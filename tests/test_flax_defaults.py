@@ -219,7 +219,8 @@ def test_block_trains_and_unseen_embedding_rows_stay_put():
   # ... while the seen rows did train.
   assert np.abs(table[:SEEN] - initial[:SEEN]).max() > 1e-2
   # It learns: ln(50) = 3.91 is the best loss without using the context (the
-  # previous token is one of 50 ids); 4 seeds ended at 2.77-2.96 (100-150 steps).
+  # previous token is one of 50 ids). Measured: mean of the last 10 losses
+  # 2.91-2.96 after 100 steps (seeds 0-2), 2.77-2.85 after 150 (seeds 0-3).
   assert losses[0] > 4.5
   assert losses[-10:].mean() < 3.5
 
