@@ -20,12 +20,15 @@ Structures:
 ============  =========================  ===============  ====================
 name          leaf view / M              memory of M      typical leaf
 ============  =========================  ===============  ====================
-``none``      no preconditioning         0                biases, norms
+``none``      no preconditioning         0                biases, norms,
+                                                          embedding tables
 ``scalar``    ``P = m²``, one per leaf   1                S-HD style
 ``diagonal``  ``P = diag(m²)``           leaf size        PP-HD style
-``full``      dense ``M`` (a×a)          a²               small dense kernels
+``full``      dense ``M`` (a×a)          a²               small dense and
+                                                          attention kernels
 ``spatial``   dense ``M`` over k×k       (k²)²            conv kernels
-``low_rank``  ``M = I + UVᵀ`` (a×r)      2·a·r            large dense kernels
+``low_rank``  ``M = I + UVᵀ`` (a×r)      2·a·r            large dense and
+                                                          attention kernels
 ============  =========================  ===============  ====================
 
 ``full``, ``spatial`` and ``low_rank`` accept ``normalize=True`` (FOP-norm): ``P``
@@ -43,10 +46,64 @@ structure, computed exactly: the (a×a) eigenvalues for ``full``/``spatial``
 (2r×2r) eigenvalues of ``P`` on ``span(U, V)`` for ``low_rank`` (``P = I`` on
 its complement), ``m²`` for ``scalar``/``diagonal``.
 
-The default rule (:func:`default_structure`): 0-d and 1-d leaves get ``none``;
-2-d leaves ``(in, out)`` get ``full`` on the input side when ``in ≤
-max_full_dim``, else ``low_rank``; leaves of rank ≥ 3 are taken to be conv
-kernels in Flax layout ``(*spatial, in, out)`` and get ``spatial``.
+The default rule (:func:`default_structure`) follows what a leaf *is*, read
+from its path (its own name, the last entry; for an attention kernel also its
+layer's name and that layer's siblings; a Flax NNX ``Variable``'s trailing
+``.value`` is dropped) and its shape, as :func:`leaf_role` reports it. Below,
+"dense over ``k`` axes" means rows = the leaf's first ``k`` axes, ``a`` their
+product: ``full`` (``Full(row_axes=k)``) when ``a ≤ max_full_dim`` (default
+64), else ``low_rank`` (``LowRank(rank, row_axes=k)``).
+
+=====================================  ====================================  =========================
+leaf                                   role                                  default structure
+=====================================  ====================================  =========================
+0-d, 1-d or empty                      any                                   ``none``
+named ``bias`` or ``scale``            ``'norm_or_bias'`` (LayerNorm,        ``none``
+(any rank)                             RMSNorm, BatchNorm, LinearGeneral
+                                       biases ``(heads, head_dim)``)
+name ends in ``embedding``             ``'embedding'`` (``nnx.Embed``        ``none``
+                                       table ``(vocab, features)``)
+``kernel`` of ``query``/``key``/       ``'attention_input'``                 dense over 1 axis (the
+``value`` in an attention block        ``(in, heads, head_dim)``             input features)
+``kernel`` of ``out`` in an            ``'attention_output'``                dense over ``ndim − 1``
+attention block                        ``(heads, head_dim, out)``            axes (heads × head_dim)
+other 2-d ``(in, out)``                ``'other'`` (``nnx.Linear``)          dense over 1 axis
+other rank ≥ 3 ``(*lead, in, out)``    ``'other'``: a conv kernel when       ``spatial`` (one
+with ``∏ lead ≤ MAX_SPATIAL_TAPS``     its leading axes are few taps         ``∏lead × ∏lead`` M)
+other rank ≥ 3, ``∏ lead`` larger      ``'other'`` (e.g. an unnamed          dense over ``ndim − 2``
+                                       ``(in, heads, head_dim)`` kernel)     axes
+=====================================  ====================================  =========================
+
+An *attention block* is a node of the tree with children named ``query``,
+``key``, ``value`` and ``out`` (Flax's ``nnx.MultiHeadAttention`` and linen's
+``MultiHeadDotProductAttention``); a lone ``out`` layer (say a UNet's last
+conv) is not one. Why these choices:
+
+* Embedding tables get ``none``: a preconditioner over the vocabulary axis
+  (what the shape-only rule gave a ``(vocab, features)`` table) mixes rows, so
+  rows of tokens that were never in a batch would move. A feature-axis
+  preconditioner (``G·P``) would keep rows apart but acts on the side none of
+  these structures act on (they all multiply the rows, ``P·G``); ``none``
+  leaves each row to its own gradient, as the base optimiser does.
+* ``spatial`` is for genuine convolution kernels: its matrix is over the
+  kernel taps, e.g. 9×9 for 3×3. ``MAX_SPATIAL_TAPS`` (64) admits 1-D kernels
+  of up to 64 taps, 2-D up to 8×8 (7×7 stems, 8×8 patch embeddings) and 3-D
+  up to 4×4×4; a kernel whose leading axes hold more than 64 "taps" is far more
+  likely features (an attention or ``LinearGeneral`` kernel) and a full
+  ``(∏lead)²`` matrix could be huge (512² for ``in = 512``), so it is treated
+  as a dense kernel over its leading axes. For a rank-3 leaf both views have
+  the same rows, its first axis (``spatial`` over a 1-D kernel's taps is
+  ``Full(row_axes=1)``); they differ only in that more than 64 rows get a
+  low-rank ``M`` (with the default ``max_full_dim``).
+* Attention kernels are dense kernels whose input is one axis (``query``/
+  ``key``/``value``: ``in``) or two (``out``: ``heads × head_dim``), so FOP
+  preconditions the same side it preconditions for ``nnx.Linear``.
+
+Any ``LinearGeneral`` layout the names do not reveal (say ``(h, d, out)``
+outside an attention block, where the shape-only rule would take ``h`` alone
+as the rows) is set per leaf, as for any override: ``Full(row_axes=2)`` or
+``LowRank(rank, row_axes=2)``. Plain dicts, tuples and ``jax.ShapeDtypeStruct``
+leaves without these names get the shape-only rows of the table.
 """
 
 from __future__ import annotations
@@ -54,7 +111,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -63,7 +120,7 @@ import jax.numpy as jnp
 __all__ = [
     'Structure', 'NoPreconditioner', 'Scalar', 'Diagonal', 'Full', 'Spatial',
     'LowRank', 'default_structure', 'resolve_structures', 'as_structure',
-    'STRUCTURE_NAMES',
+    'leaf_role', 'leaf_names', 'STRUCTURE_NAMES', 'ROLES', 'MAX_SPATIAL_TAPS',
 ]
 
 Shape = tuple[int, ...]
@@ -586,29 +643,137 @@ DEFAULT_MAX_FULL_DIM = 64
 # Rows of the matrices the paper's hyper learning rate was tuned on (3×3 spatial).
 REFERENCE_ROWS = 9
 DEFAULT_RANK = 8
+# Most kernel taps (product of the axes before (in, out)) read as a convolution.
+MAX_SPATIAL_TAPS = 64
+
+# What the default rule can tell a leaf is (see the module docstring).
+ROLES: tuple[str, ...] = (
+    'other', 'norm_or_bias', 'embedding', 'attention_input', 'attention_output')
+_NORM_OR_BIAS_NAMES = ('bias', 'scale')
+_ATTENTION_INPUTS = ('query', 'key', 'value')
+_ATTENTION_OUTPUT = 'out'
+# Attributes through which a Flax NNX Variable exposes its array in a key path.
+_VARIABLE_ATTRS = ('value', 'raw_value')
 
 
-def default_structure(shape: Shape, *, max_full_dim: int | None = None,
+def leaf_names(path: Sequence[Any]) -> tuple[str, ...]:
+  """The names along a JAX key path, as strings.
+
+  Dict keys, attribute names and sequence indices are kept in order; a
+  trailing attribute ``.value`` (how a Flax NNX ``Variable`` exposes its array)
+  is dropped, so that ``nnx.State`` trees and their pure-dict forms give the
+  same names (``('attn', 'value', 'kernel')`` in both).
+  """
+  names = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      names.append(str(key.key))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      names.append(key.name)
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      names.append(str(key.idx))
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      names.append(str(key.key))
+    else:
+      names.append(str(key))
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name in _VARIABLE_ATTRS:
+    names.pop()
+  return tuple(names)
+
+
+def _attention_blocks(all_names: Sequence[tuple[str, ...]]) -> set[tuple[str, ...]]:
+  """Prefixes with children named ``query``, ``key``, ``value`` and ``out``."""
+  children: dict[tuple[str, ...], set[str]] = {}
+  for names in all_names:
+    for i in range(len(names)):
+      children.setdefault(names[:i], set()).add(names[i])
+  wanted = set(_ATTENTION_INPUTS) | {_ATTENTION_OUTPUT}
+  return {prefix for prefix, kids in children.items() if wanted <= kids}
+
+
+def leaf_role(names: Sequence[str],
+              attention_blocks: Collection[tuple[str, ...]] = frozenset()) -> str:
+  """What the default rule takes a leaf to be, from its names (one of ``ROLES``).
+
+  Args:
+    names: the leaf's path as strings (:func:`leaf_names`).
+    attention_blocks: the paths (tuples of names) of the tree's attention
+      blocks, nodes with children ``query``, ``key``, ``value`` and ``out``;
+      :func:`resolve_structures` finds them in the whole tree.
+
+  Returns:
+    ``'norm_or_bias'`` for a leaf named ``bias`` or ``scale``; ``'embedding'``
+    for a name ending in ``embedding``; ``'attention_input'`` /
+    ``'attention_output'`` for the ``kernel`` of an attention block's
+    ``query``/``key``/``value`` / ``out``; ``'other'`` otherwise.
+  """
+  names = tuple(names)
+  if not names:
+    return 'other'
+  name = names[-1]
+  if name in _NORM_OR_BIAS_NAMES:
+    return 'norm_or_bias'
+  if name.lower().endswith('embedding'):
+    return 'embedding'
+  if name == 'kernel' and len(names) >= 2 and names[:-2] in attention_blocks:
+    if names[-2] in _ATTENTION_INPUTS:
+      return 'attention_input'
+    if names[-2] == _ATTENTION_OUTPUT:
+      return 'attention_output'
+  return 'other'
+
+
+def _dense(shape: Shape, row_axes: int, max_full_dim: int, rank: int,
+           normalize: bool) -> Structure:
+  """``full`` over the first ``row_axes`` axes if they are small, else ``low_rank``."""
+  if _rows(shape, row_axes) <= max_full_dim:
+    return Full(row_axes=row_axes, normalize=normalize)
+  return LowRank(rank=rank, row_axes=row_axes, normalize=normalize)
+
+
+def default_structure(shape: Shape, role: str = 'other', *, max_full_dim: int | None = None,
                       rank: int | None = None, normalize: bool = False) -> Structure:
-  """The default rule: see the module docstring (``None`` means the default value)."""
+  """The default rule: see the module docstring (``None`` means the default value).
+
+  Args:
+    shape: the leaf's shape.
+    role: what the leaf is, one of ``ROLES`` (:func:`leaf_role`); ``'other'``
+      (the default) applies the shape-only rule.
+    max_full_dim: largest row count that gets a dense ``M`` (default 64).
+    rank: rank of ``low_rank`` (default 8).
+    normalize: FOP-norm for the structure chosen.
+  """
+  if role not in ROLES:
+    raise ValueError(f'unknown leaf role {role!r}; expected one of {ROLES}')
   max_full_dim = DEFAULT_MAX_FULL_DIM if max_full_dim is None else max_full_dim
   rank = DEFAULT_RANK if rank is None else rank
-  if len(shape) <= 1 or math.prod(shape) == 0:
+  ndim = len(shape)
+  if ndim <= 1 or math.prod(shape) == 0 or role in ('norm_or_bias', 'embedding'):
     return NoPreconditioner()
-  if len(shape) == 2:
-    if shape[0] <= max_full_dim:
-      return Full(normalize=normalize)
-    return LowRank(rank=rank, normalize=normalize)
-  return Spatial(normalize=normalize)
+  dense = lambda row_axes: _dense(shape, row_axes, max_full_dim, rank, normalize)
+  if role == 'attention_input':
+    return dense(1)
+  if role == 'attention_output':
+    return dense(ndim - 1)
+  if ndim == 2:
+    return dense(1)
+  if _rows(shape, ndim - 2) <= MAX_SPATIAL_TAPS:
+    return Spatial(normalize=normalize)
+  return dense(ndim - 2)
 
 
-def as_structure(spec: Any, shape: Shape, **rule_kwargs) -> Structure:
-  """Turns a label (``'auto'``, ``'full'``, ...) or a :class:`Structure` into one."""
+def as_structure(spec: Any, shape: Shape, role: str = 'other', **rule_kwargs) -> Structure:
+  """Turns a label (``'auto'``, ``'full'``, ...) or a :class:`Structure` into one.
+
+  ``role`` (see :func:`leaf_role`) only informs ``'auto'``; the other labels
+  mean the same structure for every leaf (``full`` and ``low_rank`` over the
+  first axis), as do :class:`Structure` instances.
+  """
   if isinstance(spec, Structure):
     return spec
   if isinstance(spec, str):
     if spec == 'auto':
-      return default_structure(shape, **rule_kwargs)
+      return default_structure(shape, role, **rule_kwargs)
     if spec in _BY_NAME:
       normalize = rule_kwargs.get('normalize', False)
       if spec == 'low_rank':
@@ -654,6 +819,11 @@ def resolve_structures(params: Any, structures: Any = None, **rule_kwargs) -> An
     **rule_kwargs: ``max_full_dim``, ``rank``, ``normalize`` for the default
       rule and for labels.
 
+  The default rule (``None`` or ``'auto'``) reads each leaf's path (Flax NNX
+  names such as ``embedding``, ``bias``, ``scale``, an attention block's
+  ``query``/``key``/``value``/``out`` ``kernel``) as well as its shape; see
+  the module docstring. Leaves without such names get the shape-only rule.
+
   Raises:
     TypeError: a leaf is not a real floating-point array.
     ValueError: a structure does not fit its leaf's shape, or the tree of
@@ -681,9 +851,15 @@ def resolve_structures(params: Any, structures: Any = None, **rule_kwargs) -> An
         f'got structures {jax.tree.structure(structures, is_leaf=is_spec)} for '
         f'parameters {jax.tree.structure(params)}') from e
 
+  # The rule reads each leaf's names; an attention block is recognised from
+  # its children, so the whole tree's names are collected first.
+  names = {path: leaf_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  blocks = _attention_blocks(list(names.values()))
+
   def one(path, leaf, spec):
     check_leaf_dtype(path, leaf)
-    structure = as_structure(spec, tuple(leaf.shape), **rule_kwargs)
+    role = leaf_role(names[path], blocks)
+    structure = as_structure(spec, tuple(leaf.shape), role, **rule_kwargs)
     try:
       structure.validate(tuple(leaf.shape))
     except ValueError as e:
