@@ -19,8 +19,6 @@ from fop_optax import transform
 __all__ = ['fop', 'fop_adam', 'sgd_hd', 'adam_hd']
 
 
-
-
 def _no_zero_momentum(momentum):
   # optax.sgd keeps a trace for momentum=0.0; None skips it. Arrays (e.g. from
   # inject_hyperparams) are passed through as they are.

@@ -39,12 +39,18 @@ some directions and rotate it, but never lengthen it along any direction.
 (An earlier version divided by the mean eigenvalue ``tr(P)/a``, which let a
 single direction grow without bound while the mean stayed at 1.)
 
-The guard (``max_scale`` of :func:`fop_optax.scale_by_fop`, see
-:meth:`Structure.clip`) bounds the *largest* eigenvalue ``λ_max(P)`` of every
-structure, computed exactly: the (a×a) eigenvalues for ``full``/``spatial``
-(skipped when a Gershgorin bound already proves the bound holds), the
-(2r×2r) eigenvalues of ``P`` on ``span(U, V)`` for ``low_rank`` (``P = I`` on
-its complement), ``m²`` for ``scalar``/``diagonal``.
+The guard (``max_scale = B`` of :func:`fop_optax.scale_by_fop`, default 1)
+bounds the *largest* eigenvalue of every ``P`` that is applied, so no direction's
+step is ever more than ``B`` times the base optimiser's. ``full``/``spatial`` and
+``low_rank`` clip ``P``'s eigenvalues at ``B`` where ``P`` is applied,
+``P̃ = Q min(Λ, B) Qᵀ`` (exactly: the (a×a) eigenvalues, skipped when a
+Gershgorin bound already proves ``λ_max ≤ B``; for ``low_rank`` the (2r×2r)
+eigenvalues of ``P`` on ``span(U, V)``, where ``P = I`` on the complement), and
+their hypergradient is that of ``P̃`` (divided differences of ``min(·, B)``,
+Daleckii–Krein), so a clipped direction receives no push to grow further while
+the others keep learning. ``scalar``/``diagonal`` project ``m²`` onto ``[0, B]``.
+At ``B = 1`` FOP can shorten the step along some directions and rotate it, never
+lengthen it.
 
 The default rule (:func:`default_structure`) follows what a leaf *is*, read
 from its path (its own name, the last entry; for an attention kernel also its
@@ -256,21 +262,29 @@ class Structure:
     return 1.0
 
   def clip(self, m: jax.Array, max_scale: float) -> jax.Array:
-    """Shrinks ``m`` so that ``λ_max(P) ≤ max_scale``: no direction amplified more.
+    """Projects ``m`` so that ``P = m²`` is at most ``max_scale`` (``scalar``/``diagonal``).
 
-    ``P = MᵀM`` of the *unnormalised* ``M`` is bounded (FOP-norm's ``P̃`` has
-    ``λ_max = 1`` anyway; the guard then only keeps ``M``'s scale finite).
-    ``full``/``spatial`` scale ``M`` by ``√(max_scale/λ_max)``; ``low_rank``
-    shrinks ``UVᵀ`` to ``c·UVᵀ`` with the largest ``c ∈ [0, 1]`` (by bisection)
-    that meets the bound; ``scalar``/``diagonal`` clip each ``m²``. An ``m``
-    within the bound is returned unchanged. ``max_scale ≥ 1`` (``P = I`` has
-    ``λ_max = 1``).
+    Applied to the state after each hyper step (projected hypergradient descent).
+    ``full``/``spatial`` clip ``M``'s singular values at ``√max_scale``;
+    ``low_rank`` keeps its raw ``λ_max`` within ``2·max_scale`` (the applied
+    ``P`` is clipped at ``max_scale`` by :meth:`precondition`, see
+    :meth:`with_bound`). This default returns ``m`` unchanged.
     """
     del max_scale
     return m
 
+  def with_bound(self, max_scale: float | None) -> 'Structure':
+    """This structure with the guard ``max_scale`` if it bounds ``P`` where it is applied.
+
+    ``full``/``spatial``/``low_rank`` clip ``P``'s eigenvalues at ``max_scale``
+    (keeping one given explicitly); the others are returned as they are and
+    bounded by :meth:`clip` instead.
+    """
+    del max_scale
+    return self
+
   def max_eigenvalue(self, m: jax.Array) -> jax.Array:
-    """``λ_max`` of the ``P`` this structure applies (after FOP-norm), exactly."""
+    """``λ_max`` of the ``P`` this structure applies (after FOP-norm and the guard)."""
     return jnp.max(jnp.square(m)) if m.ndim else jnp.square(m)
 
 
@@ -361,11 +375,16 @@ class Full(Structure):
     row_axes: how many leading axes form the rows; 1 gives ``a = in`` for a
       dense kernel ``(in, out)``, and ``a = n`` (one column) for a vector.
     normalize: FOP-norm: use ``P/‖P‖₂`` instead of ``P``.
+    max_scale: the guard ``B``: ``P``'s eigenvalues above ``B`` are clipped to
+      ``B`` where it is applied (``P̃ = Q min(Λ, B) Qᵀ``; the hypergradient is
+      that of ``P̃``, exactly). ``None``: unbounded. Set from
+      :func:`fop_optax.scale_by_fop`'s ``max_scale`` unless given here.
   """
 
   name: ClassVar[str] = 'full'
   row_axes: int = 1
   normalize: bool = False
+  max_scale: float | None = None
 
   def _row_axes(self, shape: Shape) -> int:
     return self.row_axes
@@ -382,8 +401,10 @@ class Full(Structure):
   def _p(self, m):
     p = m.T @ m
     if self.normalize:
-      p = p / jnp.linalg.eigvalsh(p)[-1]
-    return p
+      return p / jnp.linalg.eigvalsh(p)[-1]
+    if self.max_scale is None:
+      return p
+    return _spectral_clip(p, self.max_scale)
 
   def precondition(self, m, g):
     # One product per leaf: P (a×a) is formed first (a ≤ max_full_dim, or k²).
@@ -393,14 +414,21 @@ class Full(Structure):
   def hypergradient(self, m, g, g_prev, learning_rate):
     # One product per leaf for C = G_t G_pᵀ; the rest is a×a.
     c = _gram(g.astype(m.dtype), g_prev.astype(m.dtype), self._row_axes(g.shape))
-    grad = m @ (c + c.T)
     if self.normalize:
       # P̃ = P/λ, λ = λ_max(P) = vᵀPv with ∂λ/∂M = 2 M v vᵀ (v its unit
       # eigenvector; a subgradient where λ_max is not simple), so
       # ∂J/∂M = −(η/λ) [M(C + Cᵀ) − (2/λ)⟨C, P⟩ M v vᵀ].
       p = m.T @ m
       lam, v = _top_eigenpair(p)
-      grad = (grad - (2 * jnp.vdot(c, p) / lam) * jnp.outer(m @ v, v)) / lam
+      grad = (m @ (c + c.T) - (2 * jnp.vdot(c, p) / lam) * jnp.outer(m @ v, v)) / lam
+    elif self.max_scale is not None:
+      # P̃ = f(P) with f = min(·, B) on the eigenvalues: ∂⟨C, f(P)⟩/∂P = Z =
+      # Q (L ∘ QᵀCQ) Qᵀ with L the divided differences of f (Daleckii–Krein), so
+      # ∂J/∂M = −η M (Z + Zᵀ); Z = C when no eigenvalue exceeds B.
+      z = _clipped_derivative(m.T @ m, c, self.max_scale)
+      grad = m @ (z + z.T)
+    else:
+      grad = m @ (c + c.T)
     return -learning_rate * grad
 
   def matrix(self, m, shape):
@@ -414,14 +442,26 @@ class Full(Structure):
     # ‖ΔM‖₂ ≤ lr·a for Adam's sign-like steps; the paper's 3×3 kernels have a = 9.
     return min(1.0, REFERENCE_ROWS / max(_rows(shape, self._row_axes(shape)), 1))
 
+  def with_bound(self, max_scale):
+    return dataclasses.replace(self, max_scale=max_scale) if self.max_scale is None else self
+
   def clip(self, m, max_scale):
+    # Projected hypergradient descent: M's singular values are clipped at √B
+    # (M ← M Q diag(min(1, √(B/λ))) Qᵀ for MᵀM = QΛQᵀ), so P = MᵀM keeps its
+    # eigenvectors and every eigenvalue below B, and a direction at the bound can
+    # come back down. FOP-norm's P̃ = P/λ_max is scale-invariant: there M is only
+    # rescaled as a whole to keep λ_max(MᵀM) ≤ B, leaving P̃ unchanged.
     p = m.T @ m
     bound = jnp.asarray(max_scale, p.dtype)
-    # Exact λ_max only when the cheap Gershgorin bound cannot rule out a violation.
-    cheap = _gershgorin_bound(p)
-    lam = jax.lax.cond(cheap > bound, lambda q: jnp.linalg.eigvalsh(q)[-1], lambda q: cheap, p)
-    scale = jnp.sqrt(jnp.minimum(1.0, bound / jnp.maximum(lam, jnp.finfo(p.dtype).tiny)))
-    return m * scale.astype(m.dtype)
+
+    def project(p):
+      lam, q = jnp.linalg.eigh(p)
+      if self.normalize:
+        return jnp.eye(p.shape[0], dtype=p.dtype) * jnp.sqrt(bound / lam[-1])
+      return (q * jnp.sqrt(jnp.minimum(1.0, bound / jnp.maximum(lam, bound)))) @ q.T
+
+    return m @ jax.lax.cond(_gershgorin_bound(p) > bound, project,
+                            lambda p: jnp.eye(p.shape[0], dtype=p.dtype), p).astype(m.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,12 +497,15 @@ class LowRank(Structure):
     rank: ``r``; clipped to ``a``.
     row_axes: as for :class:`Full`.
     normalize: FOP-norm, as for :class:`Full`.
+    max_scale: the guard, as for :class:`Full` (``P``'s eigenvalues in
+      ``span(U, V)`` above ``B`` clipped; ``P = I`` elsewhere).
   """
 
   name: ClassVar[str] = 'low_rank'
   rank: int = 8
   row_axes: int = 1
   normalize: bool = False
+  max_scale: float | None = None
 
   def validate(self, shape):
     if self.rank < 1:
@@ -482,51 +525,43 @@ class LowRank(Structure):
     return x + m[0] @ (m[1].T @ x)
 
   @staticmethod
-  def _subspace(m):
-    """An orthonormal basis of ``span(U, V)`` and the parts of ``P − I`` on it.
+  def _basis(m):
+    """``(Q, Y)``: an orthonormal basis ``Q`` (a×2r) of a space holding ``span(U, V)``, ``Y = UVᵀQ``.
 
-    ``P − I = UVᵀ + VUᵀ + V(UᵀU)Vᵀ = B W Bᵀ`` with ``B = [U, V]`` and
-    ``W = [[0, I], [I, UᵀU]]``. ``B``'s columns are first scaled to unit norm,
-    ``B = B̂ D`` (``U`` and ``V`` can differ in scale by orders of magnitude:
-    ``M`` only depends on ``UVᵀ``), so ``P − I = B̂ (D W D) B̂ᵀ``. With
-    ``B̂ᵀB̂ = E diag(s) Eᵀ``, ``Ψ = B̂ E diag(s)^{-1/2}`` has orthonormal columns
-    (directions with ``s ≈ 0`` dropped) and ``P − I = Ψ T Ψᵀ``,
-    ``T = diag(√s) Eᵀ (D W D) E diag(√s)`` (2r×2r); ``P = I`` on the complement
-    of ``span(U, V)``. Returns ``(B̂, E, √s, 1/√s, UᵀU, D)``.
+    ``span(U, V)`` is invariant under ``P = MᵀM`` and ``P = I`` on its
+    complement, so ``P``'s eigenpairs other than 1 are those of
+    ``(MQ)ᵀ(MQ) = (Q + Y)ᵀ(Q + Y)`` (2r×2r), with eigenvectors ``Q·y``. ``Q``
+    comes from a Householder QR of ``[U, V]`` with unit-norm columns (``M`` only
+    depends on ``UVᵀ``, so ``U`` and ``V`` can differ in scale by orders of
+    magnitude): orthonormal to rounding even where ``U`` or ``V`` is nearly
+    rank-deficient, which a Gram-matrix basis is not.
     """
     u, v = m[0], m[1]
-    b = jnp.concatenate([u, v], axis=1)
-    d = jnp.sqrt(jnp.sum(jnp.square(b), axis=0))
-    b_hat = b / jnp.where(d > 0, d, 1.0)
-    s, e = jnp.linalg.eigh(b_hat.T @ b_hat)
-    keep = s > jnp.finfo(m.dtype).eps * jnp.maximum(s[-1], jnp.finfo(m.dtype).tiny) * b.shape[1]
-    sqrt_s = jnp.where(keep, jnp.sqrt(jnp.where(keep, s, 1.0)), 0.0)
-    inv_sqrt_s = jnp.where(keep, 1.0 / jnp.where(keep, sqrt_s, 1.0), 0.0)
-    return b_hat, e, sqrt_s, inv_sqrt_s, u.T @ u, d
+    if 2 * u.shape[1] >= u.shape[0]:   # span(U, V) may be everything: take Q = I
+      q = jnp.eye(u.shape[0], dtype=m.dtype)
+    else:
+      b = jnp.concatenate([u, v], axis=1)
+      d = jnp.sqrt(jnp.sum(jnp.square(b), axis=0))
+      q, _ = jnp.linalg.qr(b / jnp.where(d > 0, d, 1.0))
+    return q, u @ (v.T @ q)
 
-  @staticmethod
-  def _t(e, sqrt_s, k, d, c):
-    """``T(c)``: ``P − I`` on ``span(U, V)`` for ``M = I + c·UVᵀ`` (see ``_subspace``)."""
-    r = k.shape[0]
-    eye = jnp.eye(r, dtype=k.dtype)
-    w = jnp.block([[jnp.zeros_like(k), c * eye], [c * eye, c * c * k]])
-    w = d[:, None] * w * d[None, :]
-    f = e * sqrt_s[None, :]
-    return f.T @ w @ f
+  def _eigen(self, m):
+    """``(λ, Φ)``: ``P``'s eigenvalues on ``span(Q)`` (ascending) and unit eigenvectors (a×2r)."""
+    q, y = self._basis(m)
+    mq = q + y
+    lam, w = jnp.linalg.eigh(mq.T @ mq)
+    return lam, q @ w
 
   def _top(self, m):
     """``(λ_max(P), v)``: ``v`` its unit eigenvector in ``span(U, V)``, or 0 where ``λ_max = 1``.
 
-    ``λ_max = 1 + max(μ, 0)`` with ``μ`` the top eigenvalue of ``T`` (the complement of
-    ``span(U, V)`` keeps eigenvalue 1 whenever ``a > 2r``).
+    ``λ_max = max(λ_span)``, and at least 1 whenever ``a > 2r`` (``P = I`` on the complement).
     """
-    b, e, sqrt_s, inv_sqrt_s, k, d = self._subspace(m)
-    mu, y = jnp.linalg.eigh(self._t(e, sqrt_s, k, d, 1.0))
-    has_complement = b.shape[0] > b.shape[1]
-    grows = mu[-1] > 0 if has_complement else jnp.array(True)
-    lam = 1 + (jnp.maximum(mu[-1], 0.0) if has_complement else mu[-1])
-    v = b @ (e @ (inv_sqrt_s * y[:, -1]))
-    return lam, jnp.where(grows, v, jnp.zeros_like(v))
+    lam, phi = self._eigen(m)
+    has_complement = phi.shape[0] > phi.shape[1]
+    grows = lam[-1] > 1 if has_complement else jnp.array(True)
+    top = jnp.maximum(lam[-1], 1.0) if has_complement else lam[-1]
+    return top, jnp.where(grows, phi[:, -1], jnp.zeros_like(phi[:, -1]))
 
   def _scale(self, m):
     """``(s, λ, v)``: ``P̃ = s·P`` (``s = 1/λ_max`` with normalize, else 1)."""
@@ -534,6 +569,15 @@ class LowRank(Structure):
       return 1.0, None, None
     lam, v = self._top(m)
     return 1.0 / lam, lam, v
+
+  def _clipping(self, m):
+    """``(Φ, excess)`` of the guard: ``P̃ = P − Φ diag(excess) Φᵀ``, ``excess = (λ − B)₊``."""
+    lam, phi = self._eigen(m)
+    return phi, lam, jnp.maximum(lam - self.max_scale, 0.0)
+
+  @property
+  def _clips(self):
+    return self.max_scale is not None and not self.normalize
 
   @staticmethod
   def _factors(m):
@@ -549,8 +593,15 @@ class LowRank(Structure):
     s, _, _ = self._scale(m)
     left, right = self._factors(m)
     x = g.astype(m.dtype)
+    rows = self.row_axes
     # P·G = G + L (Rᵀ G): two (a×2r)-wide products, each one pass over G.
-    out = s * (x + _expand_rows(left, _contract_rows(right, x, self.row_axes), x, self.row_axes))
+    out = s * (x + _expand_rows(left, _contract_rows(right, x, rows), x, rows))
+    if self._clips:
+      phi, _, excess = self._clipping(m)
+      out = jax.lax.cond(
+          jnp.any(excess > 0),
+          lambda o: o - _expand_rows(phi, _scale_rows(excess, _contract_rows(phi, x, rows)), x, rows),
+          lambda o: o, out)
     return out.astype(g.dtype)
 
   def hypergradient(self, m, g, g_prev, learning_rate):
@@ -564,6 +615,9 @@ class LowRank(Structure):
     xgp = _contract_rows(x, gp, rows)
     sx = _contract_cols(gt, xgp, rows) + _contract_cols(gp, _contract_rows(x, gt, rows), rows)
     r = u.shape[1]
+    if self._clips:
+      sx = jax.lax.cond(jnp.any(self._clipping(m)[2] > 0),
+                        lambda sx: sx - self._clip_correction(m, gt, gp, x), lambda sx: sx, sx)
     du, dv = self._m(m, sx[:, :r]), sx[:, r:]
     s, lam, top = self._scale(m)
     if self.normalize:
@@ -576,31 +630,70 @@ class LowRank(Structure):
       dv = dv - (2 * cp / lam) * jnp.outer(top, mv @ u)
     return -learning_rate * s * jnp.stack([du, dv])
 
+  def _clip_correction(self, m, gt, gp, x):
+    """``(Δ + Δᵀ) X``: the guard's change to ``S X`` (see ``hypergradient``).
+
+    With the clip ``P̃ = f(P)``, ``f = min(·, B)``, ``∂⟨C, f(P)⟩/∂P = Z = C − Δ``
+    (Daleckii–Krein in ``P``'s eigenbasis ``[Φ, Ω]``, ``Ω`` the complement where
+    ``P = I``): ``Δ = Φ A Φᵀ + Q₁ D Φᵀ + Φ D Q₂ᵀ`` with ``A = (1 − L) ∘ ΦᵀCΦ`` (``L``
+    the divided differences of ``f`` on ``span(U, V)``), ``D = diag((λ − B)₊/(λ − 1))``
+    (one minus the divided difference between ``λ`` and the complement's 1),
+    ``Q₁ = (I − ΦΦᵀ) C Φ`` and ``Q₂ = (I − ΦΦᵀ) Cᵀ Φ``. ``S X`` becomes ``S X − (Δ + Δᵀ) X``.
+    """
+    rows = self.row_axes
+    phi, lam, excess = self._clipping(m)
+    c_phi = _contract_cols(gt, _contract_rows(phi, gp, rows), rows)    # C Φ
+    ct_phi = _contract_cols(gp, _contract_rows(phi, gt, rows), rows)   # Cᵀ Φ
+    phi_c_phi = phi.T @ c_phi                                           # Φᵀ C Φ
+    a = (1 - _divided_differences(lam, self.max_scale)) * phi_c_phi
+    d = excess / jnp.where(lam > 1, lam - 1, 1.0)
+    q1 = c_phi - phi @ phi_c_phi
+    q2 = ct_phi - phi @ phi_c_phi.T
+    f = phi.T @ x
+    delta_x = phi @ (a @ f) + q1 @ (d[:, None] * f) + phi @ (d[:, None] * (q2.T @ x))
+    delta_t_x = phi @ (a.T @ f) + phi @ (d[:, None] * (q1.T @ x)) + q2 @ (d[:, None] * f)
+    return delta_x + delta_t_x
+
   def matrix(self, m, shape):
     mm = self._m(m, jnp.eye(m.shape[1], dtype=m.dtype))
     s, _, _ = self._scale(m)
-    return s * (mm.T @ mm)
+    p = s * (mm.T @ mm)
+    if self._clips:
+      phi, _, excess = self._clipping(m)
+      p = p - (phi * excess) @ phi.T
+    return p
 
   def max_eigenvalue(self, m):
-    return jnp.ones((), m.dtype) if self.normalize else self._top(m)[0]
+    if self.normalize:
+      return jnp.ones((), m.dtype)
+    top = self._top(m)[0]
+    return top if self.max_scale is None else jnp.minimum(top, self.max_scale)
 
   def hyper_step_scale(self, shape):
     # ‖Δ(UVᵀ)‖₂ ≤ lr·√(a·r) for Adam's sign-like steps on the (a×r) factors.
     a = _rows(shape, self.row_axes)
     return min(1.0, REFERENCE_ROWS / math.sqrt(max(a * min(self.rank, a), 1)))
 
+  def with_bound(self, max_scale):
+    return dataclasses.replace(self, max_scale=max_scale) if self.max_scale is None else self
+
   def clip(self, m, max_scale):
-    # M(c) = I + c·UVᵀ: ‖M(c)‖₂² is convex in c with value 1 at c = 0, so the c
-    # meeting λ_max ≤ max_scale form an interval [0, c*]; bisection keeps the
-    # feasible end. Skipped (c = 1) when the bound already holds.
+    # The applied P is clipped at B (precondition); this keeps the raw M = I + UVᵀ
+    # within λ_max(MᵀM) ≤ 2B, so that clipping stays accurate in float32 and an
+    # adaptive hyper-optimiser cannot drift UVᵀ far into the clipped region
+    # (clipping M's singular values exactly is not possible in rank r). It shrinks
+    # UVᵀ to c·UVᵀ with the largest c ∈ [0, 1] meeting the bound: ‖M(c)‖₂² is
+    # convex in c with value 1 at c = 0, so such c form an interval [0, c*] and
+    # bisection keeps its feasible end. Skipped (c = 1) within the bound.
     u, v = m[0], m[1]
-    bound = jnp.asarray(max_scale, m.dtype)
-    b, e, sqrt_s, _, k, d = self._subspace(m)
-    has_complement = b.shape[0] > b.shape[1]
+    bound = _STATE_BOUND_FACTOR * jnp.asarray(max_scale, m.dtype)
+    q, y = self._basis(m)
+    # P on span(Q) for M(c) = I + c·UVᵀ: (Q + cY)ᵀ(Q + cY) = I + c(QᵀY + YᵀQ) + c²YᵀY.
+    qy, yy = q.T @ y, y.T @ y
+    eye = jnp.eye(q.shape[1], dtype=m.dtype)
 
     def lam(c):
-      mu = jnp.linalg.eigvalsh(self._t(e, sqrt_s, k, d, c))[-1]
-      return 1 + (jnp.maximum(mu, 0.0) if has_complement else mu)
+      return jnp.linalg.eigvalsh(eye + c * (qy + qy.T) + c * c * yy)[-1]
 
     def shrink(_):
       def body(_, lo_hi):
@@ -628,8 +721,43 @@ def _gershgorin_bound(p):
   return jnp.max(jnp.sum(jnp.abs(p), axis=1))
 
 
-# Bisection steps of the low-rank guard: the shrink factor of UVᵀ is found to 2⁻¹⁶.
+# Low rank keeps its raw M within λ_max(MᵀM) ≤ 2B (LowRank.clip), found by bisection to 2⁻¹⁶.
+_STATE_BOUND_FACTOR = 2.0
 _BISECTION_STEPS = 16
+
+
+def _scale_rows(w, z):
+  """``diag(w)·z`` for ``z`` of shape ``(k, *columns)``."""
+  return w.reshape(-1, *(1,) * (z.ndim - 1)) * z
+
+
+def _divided_differences(lam, bound):
+  """``L_ij = (f(λ_i) − f(λ_j))/(λ_i − λ_j)`` for ``f = min(·, bound)`` (``f'`` on the diagonal).
+
+  ``f'(λ) = 1`` for ``λ ≤ bound`` (so ``P = I`` at ``bound = 1`` is unclipped), else 0.
+  """
+  li, lj = lam[:, None], lam[None, :]
+  num = jnp.minimum(li, bound) - jnp.minimum(lj, bound)
+  den = li - lj
+  slope = (jnp.maximum(li, lj) <= bound).astype(lam.dtype)
+  return jnp.where(den != 0, num / jnp.where(den != 0, den, 1.0), slope)
+
+
+def _spectral_clip(p, bound):
+  """``Q min(Λ, bound) Qᵀ`` for ``p = QΛQᵀ``; ``p`` itself when Gershgorin proves ``λ_max ≤ bound``."""
+  def clip(p):
+    lam, q = jnp.linalg.eigh(p)
+    return (q * jnp.minimum(lam, bound)) @ q.T
+  return jax.lax.cond(_gershgorin_bound(p) > bound, clip, lambda p: p, p)
+
+
+def _clipped_derivative(p, c, bound):
+  """``∂⟨C, f(P)⟩/∂P = Q (L ∘ QᵀCQ) Qᵀ`` for ``f = min(·, bound)``; ``C`` when nothing is clipped."""
+  def clipped(pc):
+    p, c = pc
+    lam, q = jnp.linalg.eigh(p)
+    return q @ (_divided_differences(lam, bound) * (q.T @ c @ q)) @ q.T
+  return jax.lax.cond(_gershgorin_bound(p) > bound, clipped, lambda pc: pc[1], (p, c))
 
 
 _BY_NAME: dict[str, Callable[[], Structure]] = {
@@ -640,6 +768,9 @@ STRUCTURE_NAMES: tuple[str, ...] = ('auto',) + tuple(_BY_NAME)
 
 
 DEFAULT_MAX_FULL_DIM = 64
+# The guard's default bound on λ_max(P): FOP never lengthens the base step along any
+# direction (measured in docs/stability.md: larger bounds degrade or wreck long runs).
+DEFAULT_MAX_SCALE = 1.0
 # Rows of the matrices the paper's hyper learning rate was tuned on (3×3 spatial).
 REFERENCE_ROWS = 9
 DEFAULT_RANK = 8
@@ -804,7 +935,8 @@ def check_leaf_dtype(path, leaf) -> None:
         'optax.masked or optax.partition)')
 
 
-def resolve_structures(params: Any, structures: Any = None, **rule_kwargs) -> Any:
+def resolve_structures(params: Any, structures: Any = None, *,
+                       max_scale: float | None = DEFAULT_MAX_SCALE, **rule_kwargs) -> Any:
   """Returns a params-shaped tree of :class:`Structure`, one per leaf.
 
   Args:
@@ -816,6 +948,10 @@ def resolve_structures(params: Any, structures: Any = None, **rule_kwargs) -> An
       (as for ``optax.masked``). Labels: ``'auto'`` (the default rule),
       ``'none'``, ``'scalar'``, ``'diagonal'``, ``'full'``, ``'spatial'``,
       ``'low_rank'``.
+    max_scale: the guard's bound ``B`` on ``λ_max(P)`` (default 1), given to
+      every structure that applies it (:meth:`Structure.with_bound`); ``None``
+      for none. Pass the same value as to :func:`fop_optax.scale_by_fop` when
+      reading its state (the diagnostics do).
     **rule_kwargs: ``max_full_dim``, ``rank``, ``normalize`` for the default
       rule and for labels.
 
@@ -859,7 +995,7 @@ def resolve_structures(params: Any, structures: Any = None, **rule_kwargs) -> An
   def one(path, leaf, spec):
     check_leaf_dtype(path, leaf)
     role = leaf_role(names[path], blocks)
-    structure = as_structure(spec, tuple(leaf.shape), role, **rule_kwargs)
+    structure = as_structure(spec, tuple(leaf.shape), role, **rule_kwargs).with_bound(max_scale)
     try:
       structure.validate(tuple(leaf.shape))
     except ValueError as e:

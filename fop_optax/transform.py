@@ -48,8 +48,7 @@ class FopState(NamedTuple):
   hyper_state: optax.OptState
 
 
-# The guard's default bound on λ_max(P); see scale_by_fop's max_scale.
-DEFAULT_MAX_SCALE = 100.0
+DEFAULT_MAX_SCALE = structures_lib.DEFAULT_MAX_SCALE
 
 
 def _check_number(name: str, value: Any, *, allow_zero: bool) -> None:
@@ -79,6 +78,12 @@ def _replicate_matrices(structs, ms):
   replicated = jax.sharding.PartitionSpec()
   return [m if isinstance(s, structures_lib.Diagonal) else
           jax.lax.with_sharding_constraint(m, replicated) for s, m in zip(structs, ms)]
+
+
+def _bound(structure, max_scale):
+  """The guard's bound for ``structure``: its own ``max_scale`` field, else the transformation's."""
+  own = getattr(structure, 'max_scale', None)
+  return max_scale if own is None else own
 
 
 def _check_tree_matches(name: str, updates, reference) -> None:
@@ -168,11 +173,15 @@ def scale_by_fop(
     matrix_dtype: dtype of the ``M``s; default float32 (float64 for float64 leaves).
     seed: seeds the random orthonormal ``U`` that low-rank preconditioners start from
       (default 0).
-    max_scale: the guard: after each hyper step ``M`` is shrunk so that the
-      largest eigenvalue of every ``P`` is at most ``max_scale``, i.e. no
-      direction's step is more than ``max_scale`` times the base optimiser's
-      (exact ``λ_max``, see ``Structure.clip``). A ``P`` within the bound is
-      untouched. Must be ``>= 1`` (``P`` starts at ``I``); ``None`` disables it.
+    max_scale: the guard ``B`` (default 1): the largest eigenvalue of every
+      ``P`` that is applied is at most ``B``, so no direction's step is ever
+      more than ``B`` times the base optimiser's. ``full``/``spatial``/``low_rank``
+      clip ``P``'s eigenvalues at ``B`` where ``P`` is applied and learn through
+      the clip exactly; ``scalar``/``diagonal`` project ``m²`` onto ``[0, B]``
+      after each hyper step (see :mod:`fop_optax.structures`). At the default
+      ``B = 1`` your learning rate is the largest step FOP takes along any
+      direction: FOP only rotates and shortens it. Must be ``>= 1`` (``P``
+      starts at ``I``); ``None`` disables it (the paper's unbounded FOP).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`FopState`.
@@ -195,7 +204,7 @@ def scale_by_fop(
   calibrate = hyper_optimizer is None
   if calibrate:
     hyper_optimizer = optax.adam(hyper_learning_rate)
-  rule = dict(max_full_dim=max_full_dim, rank=rank, normalize=normalize)
+  rule = dict(max_full_dim=max_full_dim, rank=rank, normalize=normalize, max_scale=max_scale)
 
   def resolve(tree):
     return structures_lib.resolve_structures(tree, structures, **rule)
@@ -243,9 +252,10 @@ def scale_by_fop(
           u * s.hyper_step_scale(tuple(g.shape))
           for s, u, g in zip(structs, jax.tree.leaves(hyper_updates), gs)])
     preconditioners = optax.apply_updates(state.preconditioners, hyper_updates)
-    if max_scale is not None:
-      preconditioners = m_def.unflatten([
-          s.clip(m, max_scale) for s, m in zip(structs, jax.tree.leaves(preconditioners))])
+    # Each structure's own bound (set from max_scale by resolve_structures, or given).
+    preconditioners = m_def.unflatten([
+        m if _bound(s, max_scale) is None else s.clip(m, _bound(s, max_scale))
+        for s, m in zip(structs, jax.tree.leaves(preconditioners))])
     # The first call has no previous step to learn from.
     first = state.count == 0
     preconditioners, hyper_state = optax.tree.where(

@@ -34,22 +34,40 @@ def noisy_loss(params, key):
   return total
 
 
-def dense_lambda_max(structure, m, normalize=False):
-  """Oracle: λ_max of P from a dense float64 ``M`` (numpy), independent of the structure's maths."""
-  m = np.asarray(m, np.float64)
-  if isinstance(structure, S.NoPreconditioner):
-    return 1.0
+def applied_matrices(structure, ms, shape):
+  """Oracle: the P each state applies, read off by preconditioning an identity probe.
+
+  Float64 numpy arrays of shape (steps, a, a) (elementwise m² for scalar/diagonal),
+  so λ_max comes from numpy's eigensolver, not from the structure's own maths.
+  """
+  ms = jnp.asarray(ms)
   if isinstance(structure, (S.Scalar, S.Diagonal)):
-    return float(np.max(m ** 2))
-  if isinstance(structure, S.LowRank):
-    m = np.eye(m.shape[1]) + m[0] @ m[1].T
-  lam = np.linalg.eigvalsh(m.T @ m)[-1]
-  return 1.0 if normalize else float(lam)
+    return np.asarray(ms, np.float64) ** 2
+  if isinstance(structure, S.NoPreconditioner):
+    return np.ones((ms.shape[0], 1, 1))
+  if isinstance(structure, S.Spatial):
+    rows = shape[:-2]
+  else:
+    rows = shape[:structure.row_axes]
+  a = int(np.prod(rows))
+  extra = (1,) if isinstance(structure, S.Spatial) else ()  # (*taps, in, out) layout
+  probe = jnp.eye(a, dtype=ms.dtype).reshape(*rows, a, *extra)
+  p = jax.vmap(lambda m: structure.precondition(m, probe))(ms)
+  p = np.asarray(p, np.float64).reshape(-1, a, a)
+  return 0.5 * (p + np.swapaxes(p, 1, 2))
 
 
-def lambda_max_trajectory(tx, structures, normalize, steps, params=PARAMS, every=10):
-  """Per leaf, λ_max of the P applied at every ``every``-th of ``steps`` noisy steps (oracle)."""
-  structs = jax.tree.leaves(fop_optax.resolve_structures(params, structures, normalize=normalize))
+def oracle_lambda_max(structure, ms, shape):
+  p = applied_matrices(structure, ms, shape)
+  if p.ndim == 3 and p.shape[1] == p.shape[2] and not isinstance(structure, (S.Scalar, S.Diagonal)):
+    return np.linalg.eigvalsh(p)[:, -1]
+  return p.reshape(p.shape[0], -1).max(axis=1)
+
+
+def lambda_max_trajectory(tx, structures, normalize, steps, params=PARAMS, max_scale=None):
+  """Per step and leaf, λ_max of the P applied (oracle), the structures and the final state."""
+  structs = jax.tree.leaves(fop_optax.resolve_structures(
+      params, structures, normalize=normalize, max_scale=max_scale))
 
   @jax.jit
   def run(params):
@@ -62,59 +80,34 @@ def lambda_max_trajectory(tx, structures, normalize, steps, params=PARAMS, every
     (_, state), ms = jax.lax.scan(body, (params, tx.init(params)), jnp.arange(steps))
     return ms, state
   ms, state = run(params)
-  ms = [np.asarray(m) for m in jax.tree.leaves(ms)]
-  lams = np.array([[dense_lambda_max(s, m[t]) for s, m in zip(structs, ms)]
-                   for t in range(0, steps, every)] + [[dense_lambda_max(s, m[-1]) for s, m in zip(structs, ms)]])
-  return lams, structs, state, ms
+  lams = np.stack([oracle_lambda_max(s, m, p.shape) for s, m, p in
+                   zip(structs, jax.tree.leaves(ms), jax.tree.leaves(params))], axis=1)
+  return lams, structs, state, [np.asarray(m) for m in jax.tree.leaves(ms)]
 
 
 @pytest.mark.parametrize('structures', ['auto', 'full', 'low_rank', 'diagonal', 'scalar'])
 @pytest.mark.parametrize('bound', [1.0, 2.0])
 def test_lambda_max_never_exceeds_the_bound(structures, bound):
   tx = fop_optax.fop(0.05, hyper_learning_rate=0.1, structures=structures, max_scale=bound)
-  lams, structs, state, _ = lambda_max_trajectory(tx, structures, False, 1500, every=1)
+  lams, structs, state, _ = lambda_max_trajectory(tx, structures, False, 1000, max_scale=bound)
   assert np.isfinite(lams).all()
   assert int(state.skipped_steps) == 0
   assert lams.max() <= bound * (1 + RTOL), lams.max(axis=0)
   # Not vacuous: without the guard the same run's P does go past the bound.
   free = fop_optax.fop(0.05, hyper_learning_rate=0.1, structures=structures, max_scale=None)
-  assert lambda_max_trajectory(free, structures, False, 1500, every=50)[0].max() > bound * 1.05
+  assert lambda_max_trajectory(free, structures, False, 1000)[0].max() > bound * 1.05
 
 
 @pytest.mark.parametrize('structures', ['auto', 'full', 'low_rank'])
 def test_fop_norm_has_unit_spectral_norm_at_every_step(structures):
   tx = fop_optax.fop(0.05, hyper_learning_rate=0.1, structures=structures, normalize=True)
-  _, structs, state, ms = lambda_max_trajectory(tx, structures, True, 1000)
-  moved = False
-  for s, m in zip(structs, ms):
-    if isinstance(s, S.NoPreconditioner):
-      continue
-    for t in range(0, 1000, 25):
-      lam = float(s.max_eigenvalue(jnp.asarray(m[t])))
-      np.testing.assert_allclose(lam, 1.0, rtol=RTOL)
-      # P̃ = P/λ_max(P) against the dense float64 oracle.
-      p = np.asarray(s.matrix(jnp.asarray(m[t]), ()), np.float64)
-      mm = np.asarray(m[t], np.float64)
-      if isinstance(s, S.LowRank):
-        mm = np.eye(mm.shape[1]) + mm[0] @ mm[1].T
-      dense = mm.T @ mm
-      np.testing.assert_allclose(p, dense / np.linalg.eigvalsh(dense)[-1], atol=1e-4)
-    moved |= float(np.linalg.eigvalsh(p)[0]) < 0.9   # ... and P̃ really moved away from I
-  assert moved
-
-
-def test_guard_is_exact_not_conservative():
-  """A P just over the bound is shrunk onto it (λ_max = bound), not far below."""
-  key = jax.random.key(3)
-  for structure, shape in [(S.Full(), (6, 4)), (S.Spatial(), (3, 3, 2, 2)),
-                           (S.LowRank(rank=3), (20, 4))]:
-    m0 = structure.init(shape, jnp.float32, key)
-    m = m0 + 0.5 * jax.random.normal(jax.random.fold_in(key, 1), m0.shape)
-    lam = float(structure.max_eigenvalue(m))
-    assert lam > 2.5, (structure, lam)
-    clipped = float(structure.max_eigenvalue(structure.clip(m, 2.0)))
-    assert 2.0 * (1 - 1e-3) <= clipped <= 2.0 * (1 + RTOL), (structure, clipped)
-    np.testing.assert_array_equal(structure.clip(m, 2 * lam), m)  # within the bound: untouched
+  lams, structs, _, ms = lambda_max_trajectory(tx, structures, True, 800)
+  learned = [i for i, s in enumerate(structs) if not isinstance(s, S.NoPreconditioner)]
+  np.testing.assert_allclose(lams[:, learned], 1.0, rtol=RTOL)
+  # ... and P̃ really moved away from I: some eigenvalue is well below 1.
+  smallest = [np.linalg.eigvalsh(applied_matrices(structs[i], ms[i][-1:], p.shape))[0, 0]
+              for i, p in enumerate(jax.tree.leaves(PARAMS)) if i in learned]
+  assert min(smallest) < 0.9, smallest
 
 
 def test_max_scale_below_one_is_rejected():
@@ -131,7 +124,8 @@ ETA, BETA = 1.5, 0.9
 def _quadratic_run(structures, max_scale, steps=3000):
   tx = fop_optax.fop(ETA, BETA, hyper_learning_rate=1e-2, structures=structures,
                      max_scale=max_scale)
-  structure = jax.tree.leaves(fop_optax.resolve_structures(jnp.zeros((64, 16)), structures))[0]
+  structure = jax.tree.leaves(fop_optax.resolve_structures(jnp.zeros((64, 16)), structures,
+                                                           max_scale=max_scale))[0]
 
   @jax.jit
   def run(x):
