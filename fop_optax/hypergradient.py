@@ -135,6 +135,7 @@ def scale_by_hypergradient(
     per_parameter: Optional[bool] = None,
     rate_range: float = 1e6,
     hypergradient_decay: float = 0.99,
+    step_clip: tuple[float, float] = (-10.0, 1.0),
 ) -> optax.GradientTransformationExtraArgs:
   r"""Hypergradient descent on the step size (Baydin et al., 2018).
 
@@ -267,13 +268,12 @@ def scale_by_hypergradient(
     # rule == 'log'
     rho = jnp.asarray(hypergradient_decay, dtypes[0] if dtypes else jnp.float32)
     nus = jax.tree.leaves(state.hypergradient_sq)
-    t = state.count.astype(rho.dtype)  # hyper steps taken, this one included (count >= 1 here)
     out_a, out_nu = [], []
     for a, hi, nu in zip(alphas, h, nus):
       hl = a * hi  # −∂J/∂log α
       nu = rho * nu + (1 - rho) * hl * hl
-      rms = jnp.sqrt(nu / (1 - rho ** t))
-      step = jnp.clip(jnp.where(rms > 0, hl / jnp.where(rms > 0, rms, 1), 0), -1, 1)
+      rms = jnp.sqrt(nu)
+      step = jnp.clip(jnp.where(rms > 0, hl / jnp.where(rms > 0, rms, 1), 0), *step_clip)
       log_a0 = jnp.log(jnp.asarray(learning_rate, a.dtype))
       log_r = jnp.log(jnp.asarray(rate_range, a.dtype))
       log_a = jnp.clip(jnp.log(a) + hyper_learning_rate * step, log_a0 - log_r, log_a0 + log_r)
