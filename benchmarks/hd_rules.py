@@ -8,12 +8,13 @@ For sgd_hd (plain and with momentum 0.9) and adam_hd, each rule
   if max |θ − (1, 1)| <= 3e-2 (optax's own test tolerance).
 * ``quadratic``: f = ½(1000·x₀² + x₁²) from (1, 1), 30,000 steps; converged if
   max |θ| <= 1e-3.
-* ``digits``: examples/common.py's CNN on scikit-learn digits, batch 64,
-  ``--epochs`` epochs, 3 seeds; converged if every seed ends with test
-  accuracy >= 0.9 (full-batch train loss is printed too).
+* ``digits``: examples/common.py's CNN on scikit-learn digits, batch 32,
+  ``--epochs`` epochs (default 10 = 440 steps, as examples/classify.py),
+  seeds 0-2; converged if every seed ends with test accuracy >= 0.9 (the
+  full-batch train loss is printed too).
 
-All runs of one (optimiser, rule, problem) share one compiled program: α_0
-(and the seed) are vmapped. Usage::
+All runs of one (optimiser, rule, problem) share one compiled program: α_0 is
+a traced argument (vmapped on the toy problems). Usage::
 
   python3 benchmarks/hd_rules.py                 # everything (about 10 min on 2 cores)
   python3 benchmarks/hd_rules.py --problems rosenbrock quadratic --rules log
@@ -74,29 +75,22 @@ def toy(problem: str, make, steps: int = 30_000):
           for a, o, e, pi, r, sk in zip(ALPHAS, ok, err, p, rate, skipped)]
 
 
-def digits(make, epochs: int, seeds=(0, 1, 2), batch_size: int = 64):
+def digits(make, epochs: int, seeds=(0, 1, 2), batch_size: int = 32):
   from flax import nnx
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'examples'))
   import common  # pylint: disable=import-outside-toplevel
   x_tr, y_tr, x_te, y_te = common.load_dataset('digits')
   n_steps = len(x_tr) // batch_size
-  runs = [(a, s) for a in ALPHAS for s in seeds]
-  idx = []
-  for _, seed in runs:
-    rng = np.random.default_rng(seed)
-    idx.append(np.concatenate([rng.permutation(len(x_tr))[:n_steps * batch_size]
-                               for _ in range(epochs)]).reshape(-1, batch_size))
-  idx = jnp.asarray(np.stack(idx))
-  models = [common.CNN(1, 10, rngs=nnx.Rngs(seed)) for _, seed in runs]
-  graphdef, _ = nnx.split(models[0])
-  params = jax.tree.map(lambda *x: jnp.stack(x), *[nnx.split(m)[1] for m in models])
   x_tr, y_tr, x_te, y_te = map(jnp.asarray, (x_tr, y_tr, x_te, y_te))
+  graphdef, _ = nnx.split(common.CNN(1, 10, rngs=nnx.Rngs(0)))
 
   def loss(p, x, y):
     logits = nnx.merge(graphdef, p)(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
+  @jax.jit
   def run(alpha0, p, batches):
+    # alpha0 is traced, so all runs share one compiled program.
     tx = make(alpha0)
 
     def step(carry, b):
@@ -109,15 +103,20 @@ def digits(make, epochs: int, seeds=(0, 1, 2), batch_size: int = 64):
     acc = jnp.mean(loss(p, x_te, y_te)[1].argmax(-1) == y_te)
     return train_loss, acc, _final_rate(s), s.skipped_steps
 
-  alphas = jnp.asarray([a for a, _ in runs])
-  tl, acc, rate, skipped = jax.jit(jax.vmap(run))(alphas, params, idx)
   out = []
-  for i, a in enumerate(ALPHAS):
-    sl = slice(i * len(seeds), (i + 1) * len(seeds))
-    accs, losses = np.asarray(acc[sl]), np.asarray(tl[sl])
+  for a in ALPHAS:
+    res = []
+    for seed in seeds:
+      # Same data order and initial weights as examples/common.train for this seed.
+      rng = np.random.default_rng(seed)
+      idx = np.concatenate([rng.permutation(len(x_tr))[:n_steps * batch_size]
+                            for _ in range(epochs)]).reshape(-1, batch_size)
+      params = nnx.split(common.CNN(1, 10, rngs=nnx.Rngs(seed)))[1]
+      res.append([np.asarray(v) for v in run(jnp.float32(a), params, jnp.asarray(idx))])
+    losses, accs, rates, skipped = (np.array(v) for v in zip(*res))
     out.append(dict(alpha0=a, ok=bool(np.all(np.isfinite(losses)) and np.all(accs >= 0.9)),
-                    acc=accs.tolist(), loss=losses.tolist(), rate=np.asarray(rate[sl]).tolist(),
-                    skipped=np.asarray(skipped[sl]).tolist()))
+                    acc=accs.tolist(), loss=losses.tolist(), rate=rates.tolist(),
+                    skipped=skipped.tolist()))
   return out
 
 
@@ -128,7 +127,7 @@ def main(argv=None):
   parser.add_argument('--rules', nargs='+', default=list(RULES))
   parser.add_argument('--beta', type=float, default=None,
                       help='hyper learning rate for all runs (default: each rule\'s default)')
-  parser.add_argument('--epochs', type=int, default=5)
+  parser.add_argument('--epochs', type=int, default=10)
   args = parser.parse_args(argv)
   print(f'jax {jax.__version__}, optax {optax.__version__}, beta={args.beta or "default"}')
   print('| problem | optimiser | rule | α0=1e-4 | α0=1e-3 | α0=1e-2 | all converge | seconds |')

@@ -117,8 +117,8 @@ def fop_adam(
 
 # Default hyper learning rates per rule: 'additive' keeps Baydin et al.'s
 # values; the scale-free rules' were chosen by measurement (docs/hd_rules.md).
-_SGD_HD_BETA = {'additive': 1e-3, 'multiplicative': 0.02, 'log': 0.02}
-_ADAM_HD_BETA = {'additive': 1e-7, 'multiplicative': 0.02, 'log': 0.02}
+_SGD_HD_BETA = {'additive': 1e-3, 'multiplicative': 0.1, 'log': 0.05}
+_ADAM_HD_BETA = {'additive': 1e-7, 'multiplicative': 0.1, 'log': 0.05}
 
 
 def _hd(name, learning_rate, hyper_learning_rate, direction, rule, scope, per_parameter,
@@ -172,7 +172,7 @@ def sgd_hd(
   Args:
     learning_rate: initial step size ``α_0`` (a number, not a schedule).
     hyper_learning_rate: ``β``; ``None`` for the rule's default (1e-3 for
-      ``'additive'``, as Baydin et al.; 0.02 for ``'log'`` and
+      ``'additive'``, as Baydin et al.; 0.05 for ``'log'``, 0.1 for
       ``'multiplicative'``).
     momentum: optional heavy-ball momentum for the direction ``u``.
     nesterov: Nesterov momentum.
@@ -214,8 +214,8 @@ def adam_hd(
   Args:
     learning_rate: initial step size ``α_0`` (a number, not a schedule).
     hyper_learning_rate: ``β``; ``None`` for the rule's default (1e-7 for
-      ``'additive'``, Baydin et al.'s value with ``α_0 = 1e-3``; 0.02 for
-      ``'log'`` and ``'multiplicative'``).
+      ``'additive'``, Baydin et al.'s value with ``α_0 = 1e-3``; 0.05 for
+      ``'log'``, 0.1 for ``'multiplicative'``).
     b1, b2, eps: as for ``optax.adam``.
     RULES_DOC
     scope: ``'global'``, ``'leaf'`` (default) or ``'parameter'``.

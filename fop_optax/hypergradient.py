@@ -28,12 +28,17 @@ so no extra forward or backward pass is needed. Three rules use it:
 
   .. math::
     \log α_t = \operatorname{clip}\Big(\log α_{t-1}
-      + β·\operatorname{clip}\big(h_t/\sqrt{ν_t/(1-ρ^{t})},\,−1,\,1\big),\;
+      + β·\operatorname{clip}\big(h_t/\sqrt{ν_t},\,c_-,\,c_+\big),\;
       \log α_0 ± \log r\Big).
 
-  Dividing by the running RMS of ``h`` makes it scale-free; each step changes
-  ``α`` by at most a factor ``e^{±β}`` and ``α`` stays within
-  ``[α_0/r, α_0·r]``.
+  Dividing by the running RMS of ``h`` makes it scale-free (``ν`` is not
+  bias-corrected: while it warms up the ratio is large, i.e. clipped). The
+  clip is asymmetric, ``(c_-, c_+) = (−10, 1)`` by default: ``α`` grows by at
+  most ``e^{β}`` per step but backs off up to ``e^{10β}`` per step, because an
+  instability grows geometrically (SGD 10× beyond the stability edge of a
+  quadratic multiplies the error by 9 per step) and must be stopped before
+  the iterate overflows, while a too-small ``α`` only costs time. ``α``
+  stays within ``[α_0/r, α_0·r]``.
 
 ``scope`` decides how many step sizes there are: ``'global'`` one for all
 parameters (Baydin et al.'s code; the dot products and norms run over the
@@ -73,7 +78,7 @@ SCOPES = ('global', 'leaf', 'parameter')
 
 #: Default ``β`` of the scale-free rules (``'additive'`` has none: its ``β``
 #: depends on the problem's scale). Chosen by measurement, see docs/hd_rules.md.
-DEFAULT_HYPER_LEARNING_RATE = {'multiplicative': 0.02, 'log': 0.02}
+DEFAULT_HYPER_LEARNING_RATE = {'multiplicative': 0.1, 'log': 0.05}
 
 _NAME = 'scale_by_hypergradient'
 
@@ -149,8 +154,8 @@ def scale_by_hypergradient(
   * ``'additive'``: ``α_t = α_{t-1} + β·h`` (Baydin et al. exactly);
   * ``'multiplicative'``: ``α_t = α_{t-1}·(1 + β·h/(‖g_t‖·‖u_{t-1}‖))``;
   * ``'log'`` (default): ``log α`` moves by ``β`` times the RMS-normalised
-    ``α_{t-1}·h``, clipped to ``[−1, 1]``, and stays within
-    ``α_0·[1/r, r]``.
+    ``α_{t-1}·h``, clipped to ``step_clip`` (default ``[−10, 1]``: fast
+    back-off, slow growth), and stays within ``α_0·[1/r, r]``.
 
   On the first call there is no previous direction, so ``α_0`` is used as it
   is. Chain with ``optax.scale(-1)`` for descent (the aliases
@@ -173,6 +178,9 @@ def scale_by_hypergradient(
       ``[α_0/r, α_0·r]``.
     hypergradient_decay: ``ρ`` of ``rule='log'``, the decay of the running
       mean of the squared hypergradient.
+    step_clip: ``(c_-, c_+)`` of ``rule='log'``: the RMS-normalised
+      hypergradient is clipped to this interval, so one step multiplies ``α``
+      by a factor within ``[e^{β·c_-}, e^{β·c_+}]``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`HypergradientState`.
@@ -208,6 +216,9 @@ def scale_by_hypergradient(
     r = _checks._concrete(rate_range)  # pylint: disable=protected-access
     if r is not None and r < 1:
       raise ValueError(f'{_NAME}: rate_range must be >= 1, got {rate_range}')
+    if (len(step_clip) != 2 or not all(isinstance(c, numbers.Real) for c in step_clip)
+        or not step_clip[0] <= 0 <= step_clip[1]):
+      raise ValueError(f'{_NAME}: step_clip must be two numbers (low <= 0 <= high), got {step_clip}')
     rho = _checks._concrete(hypergradient_decay)  # pylint: disable=protected-access
     if rho is not None and not 0 <= rho < 1:
       raise ValueError(f'{_NAME}: hypergradient_decay must be in [0, 1), got {hypergradient_decay}')
