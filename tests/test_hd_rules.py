@@ -221,8 +221,11 @@ def test_defaults_converge_from_any_initial_step_size(name, problem):
 def test_baydin_additive_rule_blows_up_where_the_default_does_not():
   """Why 'additive' is not the default: Baydin's β=1e-3 sends SGD-HD to garbage on Rosenbrock.
 
-  Measured: final error 1e12-4e26 with α negative, for all three α_0.
+  Measured: final error 1e12-4e26 with α negative, for all three α_0. The issue's second
+  trap is visible now: skip_nonfinite warns that the run only skips.
   """
-  final = _final(lambda a: fop_optax.sgd_hd(a, rule='additive'), ROSENBROCK)
+  with pytest.warns(fop_optax.nonfinite.NonFiniteStepsWarning, match='in a row'):
+    final = _final(lambda a: fop_optax.sgd_hd(a, rule='additive'), ROSENBROCK)
+    jax.effects_barrier()
   err = np.max(np.abs(final - 1.0), axis=1)
   assert np.all(~np.isfinite(err) | (err > 1e3)), err
