@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import optax
 
+from fop_optax import _checks
+from fop_optax import hypergradient
 from fop_optax import nonfinite
 from fop_optax import transform
 
@@ -117,79 +119,124 @@ def fop_adam(
                    normalize, max_full_dim, rank, skip_nonfinite, max_scale)
 
 
-def _check_float_rate(learning_rate) -> None:
+# Default hyper learning rates per rule: 'additive' keeps Baydin et al.'s
+# values; the scale-free rules' were chosen by measurement (docs/hd_rules.md).
+_SGD_HD_BETA = {'additive': 1e-3, 'multiplicative': 0.1, 'log': 0.05}
+_ADAM_HD_BETA = {'additive': 1e-7, 'multiplicative': 0.1, 'log': 0.05}
+
+
+def _hd(name, learning_rate, hyper_learning_rate, direction, rule, scope, per_parameter,
+        skip_nonfinite, defaults):
   if callable(learning_rate):
     raise TypeError(
-        'hypergradient descent learns the step size itself: pass the initial '
-        'step size as a number, not a schedule')
-
-
-def sgd_hd(
-    learning_rate: float,
-    hyper_learning_rate: float = 1e-3,
-    momentum: Optional[float] = None,
-    nesterov: bool = False,
-    *,
-    per_parameter: bool = False,
-    skip_nonfinite: bool = True,
-) -> optax.GradientTransformationExtraArgs:
-  """SGD-HD (Baydin et al., 2018): SGD whose step size is learned online.
-
-  ``α_t = α_{t-1} + β·g_t·u_{t-1}``, ``θ_t = θ_{t-1} − α_t·u_t`` with ``u`` the
-  gradient (or the momentum trace). One ``α`` per leaf (S-HD), or per
-  parameter with ``per_parameter=True`` (PP-HD).
-
-  Args:
-    learning_rate: initial step size ``α_0``.
-    hyper_learning_rate: ``β``.
-    momentum: optional heavy-ball momentum for the direction ``u``.
-    nesterov: Nesterov momentum.
-    per_parameter: one step size per parameter.
-    skip_nonfinite: skip steps with NaN/Inf gradients.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``.
-  """
-  _check_float_rate(learning_rate)
-  momentum = _no_zero_momentum(momentum)
-  direction = None if momentum is None else optax.trace(momentum, nesterov)
+        f'{name}: hypergradient descent learns the step size itself: pass the '
+        'initial step size as a number, not a schedule')
+  if rule not in defaults:
+    raise ValueError(f'{name}: rule must be one of {tuple(defaults)}, got {rule!r}')
+  _checks.check_number('learning_rate', learning_rate, allow_zero=False, where=name)
+  if hyper_learning_rate is None:
+    hyper_learning_rate = defaults[rule]
+  _checks.check_number('hyper_learning_rate', hyper_learning_rate, allow_zero=True, where=name)
   tx = optax.chain(
-      transform.scale_by_hypergradient(
-          learning_rate, hyper_learning_rate, direction, per_parameter=per_parameter),
-      optax.scale(-1.0),
-  )
-  return _finish(tx, skip_nonfinite)
-
-
-def adam_hd(
-    learning_rate: float,
-    hyper_learning_rate: float = 1e-7,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    *,
-    per_parameter: bool = False,
-    skip_nonfinite: bool = True,
-) -> optax.GradientTransformationExtraArgs:
-  """Adam-HD (Baydin et al., 2018): Adam whose step size is learned online.
-
-  ``u_t = m̂_t/(√v̂_t + ε)`` and ``α_t = α_{t-1} + β·g_t·u_{t-1}``.
-
-  Args:
-    learning_rate: initial step size ``α_0``.
-    hyper_learning_rate: ``β`` (Baydin et al. used 1e-7 with ``α_0 = 1e-3``).
-    b1, b2, eps: as for ``optax.adam``.
-    per_parameter: one step size per parameter.
-    skip_nonfinite: skip steps with NaN/Inf gradients.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``.
-  """
-  _check_float_rate(learning_rate)
-  tx = optax.chain(
-      transform.scale_by_hypergradient(
-          learning_rate, hyper_learning_rate, optax.scale_by_adam(b1, b2, eps),
+      hypergradient.scale_by_hypergradient(
+          learning_rate, hyper_learning_rate, direction, rule=rule, scope=scope,
           per_parameter=per_parameter),
       optax.scale(-1.0),
   )
   return _finish(tx, skip_nonfinite)
+
+
+_RULES_DOC = """rule: how the step size learns (see :mod:`fop_optax.hypergradient`):
+      ``'log'`` (default; scale-free, ``α`` stays within ``α_0·[1e-6, 1e6]``),
+      ``'multiplicative'`` (Baydin et al.'s normalised rule, scale-free) or
+      ``'additive'`` (Baydin et al.'s ``α_t = α_{t-1} + β·g_t·u_{t-1}``
+      exactly; its ``β`` depends on the problem's scale, and a bad one makes
+      ``α`` negative or divergent)."""
+
+
+def sgd_hd(
+    learning_rate: float,
+    hyper_learning_rate: Optional[float] = None,
+    momentum: Optional[float] = None,
+    nesterov: bool = False,
+    *,
+    rule: str = 'log',
+    scope: Optional[str] = None,
+    per_parameter: Optional[bool] = None,
+    skip_nonfinite: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  """SGD-HD (Baydin et al., 2018): SGD whose step size is learned online.
+
+  ``θ_t = θ_{t-1} − α_t·u_t`` with ``u`` the gradient (or the momentum trace),
+  and ``α`` learned from the hypergradient ``−g_t·u_{t-1}`` by ``rule`` (see
+  :func:`fop_optax.scale_by_hypergradient`). One ``α`` per leaf by default
+  (S-HD), for all parameters (``scope='global'``, Baydin et al.'s code) or
+  per parameter (``scope='parameter'``, PP-HD).
+
+  Args:
+    learning_rate: initial step size ``α_0`` (a number, not a schedule).
+    hyper_learning_rate: ``β``; ``None`` for the rule's default (1e-3 for
+      ``'additive'``, as Baydin et al.; 0.05 for ``'log'``, 0.1 for
+      ``'multiplicative'``).
+    momentum: optional heavy-ball momentum for the direction ``u``.
+    nesterov: Nesterov momentum.
+    RULES_DOC
+    scope: ``'global'``, ``'leaf'`` (default) or ``'parameter'``.
+    per_parameter: older spelling of ``scope='parameter'``.
+    skip_nonfinite: skip steps with NaN/Inf gradients.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Baydin et al., `Online Learning Rate Adaptation with Hypergradient Descent
+    <https://arxiv.org/abs/1703.04782>`_, ICLR 2018
+  """
+  momentum = _no_zero_momentum(momentum)
+  direction = None if momentum is None else optax.trace(momentum, nesterov)
+  return _hd('sgd_hd', learning_rate, hyper_learning_rate, direction, rule, scope,
+             per_parameter, skip_nonfinite, _SGD_HD_BETA)
+
+
+def adam_hd(
+    learning_rate: float,
+    hyper_learning_rate: Optional[float] = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    rule: str = 'log',
+    scope: Optional[str] = None,
+    per_parameter: Optional[bool] = None,
+    skip_nonfinite: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  """Adam-HD (Baydin et al., 2018): Adam whose step size is learned online.
+
+  ``u_t = m̂_t/(√v̂_t + ε)``, ``θ_t = θ_{t-1} − α_t·u_t``, and ``α`` learned
+  from the hypergradient ``−g_t·u_{t-1}`` by ``rule``.
+
+  Args:
+    learning_rate: initial step size ``α_0`` (a number, not a schedule).
+    hyper_learning_rate: ``β``; ``None`` for the rule's default (1e-7 for
+      ``'additive'``, Baydin et al.'s value with ``α_0 = 1e-3``; 0.05 for
+      ``'log'``, 0.1 for ``'multiplicative'``).
+    b1, b2, eps: as for ``optax.adam``.
+    RULES_DOC
+    scope: ``'global'``, ``'leaf'`` (default) or ``'parameter'``.
+    per_parameter: older spelling of ``scope='parameter'``.
+    skip_nonfinite: skip steps with NaN/Inf gradients.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Baydin et al., `Online Learning Rate Adaptation with Hypergradient Descent
+    <https://arxiv.org/abs/1703.04782>`_, ICLR 2018
+  """
+  return _hd('adam_hd', learning_rate, hyper_learning_rate, optax.scale_by_adam(b1, b2, eps),
+             rule, scope, per_parameter, skip_nonfinite, _ADAM_HD_BETA)
+
+
+for _f in (sgd_hd, adam_hd):
+  _f.__doc__ = _f.__doc__.replace('RULES_DOC', _RULES_DOC)
+del _f

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import numbers
+import warnings
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-__all__ = ['SkipNonFiniteState', 'skip_nonfinite']
+__all__ = ['SkipNonFiniteState', 'skip_nonfinite', 'NonFiniteStepsWarning']
+
+#: Default ``warn_after`` of :func:`skip_nonfinite`.
+WARN_AFTER = 100
+
+
+class NonFiniteStepsWarning(RuntimeWarning):
+  """Many steps in a row had NaN/Inf gradients or updates (see :func:`skip_nonfinite`)."""
 
 
 class SkipNonFiniteState(NamedTuple):
@@ -16,10 +26,14 @@ class SkipNonFiniteState(NamedTuple):
 
   Attributes:
     skipped_steps: how many steps were skipped so far (int32 scalar).
+    consecutive_nonfinite: how many of the latest steps in a row were
+      non-finite (int32 scalar; 0 after a finite step). Counts the steps let
+      through after ``max_consecutive_errors`` too.
     inner_state: the wrapped transformation's state.
   """
 
   skipped_steps: jax.Array
+  consecutive_nonfinite: jax.Array
   inner_state: optax.OptState
 
 
@@ -28,34 +42,101 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
 
-def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def _warn(crossing, consecutive, skipped, let_through):
+  # Under jax.vmap the cond around this callback becomes a select that runs it
+  # on every step, with batched arguments: warn only where a threshold is crossed.
+  crossing = np.asarray(crossing)
+  if not crossing.any():
+    return
+  n = int(np.asarray(consecutive)[crossing].max())
+  total = int(np.asarray(skipped)[crossing].max())
+  tail = ('; max_consecutive_errors is reached, so non-finite updates now reach the '
+          'parameters' if np.asarray(let_through)[crossing].any()
+          else '; the parameters are frozen where they are')
+  warnings.warn(
+      f'skip_nonfinite: the last {n} steps in a row had NaN/Inf gradients or updates '
+      f'({total} skipped in all){tail}. A run that only skips is not training: the '
+      'iterate or the learning rate has probably blown up.', NonFiniteStepsWarning, stacklevel=1)
+
+
+def _is_crossing(n: jax.Array, every: int) -> jax.Array:
+  """True at n = every, 2·every, 4·every, ...: one warning per doubling."""
+  q = n // every
+  return (n % every == 0) & (q >= 1) & ((q & (q - 1)) == 0)
+
+
+def skip_nonfinite(
+    inner: optax.GradientTransformation,
+    max_consecutive_errors: Optional[int] = None,
+    warn_after: Optional[int] = WARN_AFTER,
+) -> optax.GradientTransformationExtraArgs:
   """Skips a step whose incoming gradients or outgoing updates hold NaN or Inf.
 
   On such a step the updates are zeros and the inner state (FOP's matrices and
-  stored gradient, momentum, the hyper-optimiser's state, counts) is kept as it
-  was, so training continues with the next batch as if the bad one never came.
-  Unlike ``optax.apply_if_finite`` it never gives up after a number of
-  consecutive bad steps, and it checks the gradients too, so a bad batch never
+  stored gradient, momentum, the hyper-optimiser's state, learned step sizes,
+  counts) is kept as it was, so training continues with the next batch as if
+  the bad one never came. It checks the gradients too, so a bad batch never
   reaches the inner state even where the inner transformation would mask it.
+
+  A run that skips step after step is not training: once the iterate has blown
+  up every gradient overflows and the parameters stay frozen at the garbage
+  point. So that this is not a quiet success:
+
+  * after ``warn_after`` non-finite steps in a row a
+    :class:`NonFiniteStepsWarning` is issued from inside the compiled step
+    (``jax.debug.callback``), and again at ``2·warn_after``,
+    ``4·warn_after``, ... consecutive steps (once per doubling, not every
+    step). Under ``jax.jit`` and ``lax.scan`` the check costs nothing on
+    other steps; under ``jax.vmap`` the ``lax.cond`` around it becomes a
+    select, so the host callback runs (silently) on every step;
+  * with ``max_consecutive_errors=k``, at most ``k`` steps in a row are
+    skipped: from the ``k+1``-th consecutive non-finite step on, the update
+    and the inner state are let through, NaN and all, as
+    ``optax.apply_if_finite`` does, so that the failure shows in the
+    parameters and the loss. ``None`` (the default) skips without limit.
 
   Args:
     inner: the transformation to protect.
+    max_consecutive_errors: the most non-finite steps in a row to skip;
+      ``None`` for no limit.
+    warn_after: warn after this many non-finite steps in a row (then at each
+      doubling); ``None`` never warns.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`SkipNonFiniteState`; ``skipped_steps`` counts the skipped steps.
+    :class:`SkipNonFiniteState`; ``skipped_steps`` counts the skipped steps
+    and ``consecutive_nonfinite`` the current run of non-finite steps.
   """
+  for name, value in (('max_consecutive_errors', max_consecutive_errors),
+                      ('warn_after', warn_after)):
+    if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+                              or value < (0 if name == 'max_consecutive_errors' else 1)):
+      bound = '>= 0' if name == 'max_consecutive_errors' else '>= 1'
+      raise ValueError(f'skip_nonfinite: {name} must be None or an int {bound}, got {value!r}')
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    return SkipNonFiniteState(jnp.zeros([], jnp.int32), inner.init(params))
+    zero = jnp.zeros([], jnp.int32)
+    return SkipNonFiniteState(zero, zero, inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    ok = jnp.logical_and(_all_finite(updates), _all_finite(new_updates))
+    finite = jnp.logical_and(_all_finite(updates), _all_finite(new_updates))
+    consecutive = jnp.where(finite, 0, state.consecutive_nonfinite + 1).astype(jnp.int32)
+    if max_consecutive_errors is None:
+      let_through = jnp.array(False)
+    else:
+      let_through = consecutive > max_consecutive_errors
+    ok = finite | let_through
     new_updates = optax.tree.where(ok, new_updates, optax.tree.zeros_like(new_updates))
     inner_state = optax.tree.where(ok, inner_state, state.inner_state)
     skipped = state.skipped_steps + jnp.logical_not(ok).astype(jnp.int32)
-    return new_updates, SkipNonFiniteState(skipped, inner_state)
+    if warn_after is not None:
+      crossing = _is_crossing(consecutive, warn_after)
+      jax.lax.cond(
+          crossing,
+          lambda: jax.debug.callback(_warn, crossing, consecutive, skipped, let_through),
+          lambda: None)
+    return new_updates, SkipNonFiniteState(skipped, consecutive, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

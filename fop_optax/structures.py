@@ -922,15 +922,16 @@ def _path_str(path) -> str:
   return jax.tree_util.keystr(path) or '<root>'
 
 
-def check_leaf_dtype(path, leaf) -> None:
+def check_leaf_dtype(path, leaf, what: str = 'FOP') -> None:
+  """Raises ``TypeError`` for a leaf that is not real floating point; ``what`` names the method."""
   dtype = jnp.dtype(leaf.dtype)
   if jnp.issubdtype(dtype, jnp.complexfloating):
     raise TypeError(
-        f'parameter {_path_str(path)} is complex ({dtype}); FOP needs real '
+        f'parameter {_path_str(path)} is complex ({dtype}); {what} needs real '
         'floating-point leaves (split complex parameters into real and imaginary parts)')
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(
-        f'parameter {_path_str(path)} has dtype {dtype}; FOP needs floating-point '
+        f'parameter {_path_str(path)} has dtype {dtype}; {what} needs floating-point '
         'leaves (integer or boolean leaves have no gradient: mask them out with '
         'optax.masked or optax.partition)')
 

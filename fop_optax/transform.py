@@ -12,7 +12,6 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -20,9 +19,10 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
+from fop_optax import _checks
 from fop_optax import structures as structures_lib
 
-__all__ = ['FopState', 'scale_by_fop', 'HypergradientState', 'scale_by_hypergradient']
+__all__ = ['FopState', 'scale_by_fop']
 
 
 class FopState(NamedTuple):
@@ -52,11 +52,8 @@ DEFAULT_MAX_SCALE = structures_lib.DEFAULT_MAX_SCALE
 
 
 def _check_number(name: str, value: Any, *, allow_zero: bool) -> None:
-  # Only Python numbers are checked: arrays may be tracers (inject_hyperparams).
-  if isinstance(value, numbers.Real) and not isinstance(value, bool):
-    if value < 0 or (value == 0 and not allow_zero):
-      bound = '>= 0' if allow_zero else '> 0'
-      raise ValueError(f'{name} must be {bound}, got {value}')
+  # Concrete numbers and arrays only: tracers (inject_hyperparams) pass.
+  _checks.check_number(name, value, allow_zero=allow_zero)
 
 
 def _matrix_dtype(leaf_dtype, matrix_dtype) -> jnp.dtype:
@@ -190,8 +187,7 @@ def scale_by_fop(
     Moskovitz et al., `First-Order Preconditioning via Hypergradient Descent
     <https://arxiv.org/abs/1910.08461>`_, 2019
   """
-  if not callable(learning_rate):
-    _check_number('learning_rate', learning_rate, allow_zero=False)
+  _checks.check_rate('learning_rate', learning_rate, allow_zero=False)
   _check_number('hyper_learning_rate', hyper_learning_rate, allow_zero=True)
   if max_scale is not None:
     _check_number('max_scale', max_scale, allow_zero=False)
@@ -272,105 +268,6 @@ def scale_by_fop(
         preconditioners=preconditioners,
         last_gradient=optax.tree.cast_like(updates, state.last_gradient),
         hyper_state=hyper_state,
-    )
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-class HypergradientState(NamedTuple):
-  """State of :func:`scale_by_hypergradient`.
-
-  Attributes:
-    count: number of updates applied so far (int32 scalar).
-    learning_rates: params-shaped tree of the learned step sizes ``α``: a
-      scalar per leaf, or an array of the leaf's shape with ``per_parameter``.
-    last_direction: the previous update direction ``u_{t-1}``.
-    inner_state: state of the transformation that makes the direction.
-  """
-
-  count: jax.Array
-  learning_rates: optax.Params
-  last_direction: optax.Updates
-  inner_state: optax.OptState
-
-
-def scale_by_hypergradient(
-    learning_rate: float,
-    hyper_learning_rate: float,
-    direction: Optional[optax.GradientTransformation] = None,
-    *,
-    per_parameter: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-  r"""Hypergradient descent on the step size (Baydin et al., 2018).
-
-  ``direction`` turns the gradient ``g_t`` into an update direction ``u_t``
-  (the identity for SGD, momentum, or ``optax.scale_by_adam()`` for Adam). The
-  transformation returns ``α_t·u_t``, where the step size ``α`` follows its own
-  online hypergradient: since ``θ_t = θ_{t-1} − α·u_{t-1}``,
-  ``∂J(θ_t)/∂α = −g_t·u_{t-1}`` and
-
-  .. math::
-    α_t = α_{t-1} + β\, g_t · u_{t-1}.
-
-  With ``per_parameter=False`` there is one ``α`` per leaf (layer-wise, the
-  FOP paper's S-HD) and ``g·u`` is summed over the leaf; with ``True`` one per
-  parameter (PP-HD). Chain with ``optax.scale(-1)`` for descent (the aliases
-  :func:`fop_optax.sgd_hd` and :func:`fop_optax.adam_hd` do).
-
-  Args:
-    learning_rate: the initial step size ``α_0``.
-    hyper_learning_rate: ``β``, the step size of the step size.
-    direction: the transformation giving ``u``; default ``optax.identity()``.
-    per_parameter: one ``α`` per parameter instead of one per leaf.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state :class:`HypergradientState`.
-
-  References:
-    Baydin et al., `Online Learning Rate Adaptation with Hypergradient Descent
-    <https://arxiv.org/abs/1703.04782>`_, ICLR 2018
-  """
-  _check_number('learning_rate', learning_rate, allow_zero=False)
-  _check_number('hyper_learning_rate', hyper_learning_rate, allow_zero=True)
-  direction = optax.with_extra_args_support(direction or optax.identity())
-
-  def init_fn(params):
-    def init_rate(path, p):
-      structures_lib.check_leaf_dtype(path, p)
-      return jnp.full(p.shape if per_parameter else (), learning_rate,
-                      _matrix_dtype(p.dtype, None))
-    rates = jax.tree_util.tree_map_with_path(init_rate, params)
-    if not per_parameter:  # scalars are not params-shaped: drop Variable wrappers
-      rates = structures_lib.unwrapped_treedef(params).unflatten(jax.tree.leaves(rates))
-    return HypergradientState(
-        count=jnp.zeros([], jnp.int32),
-        learning_rates=rates,
-        last_direction=optax.tree.zeros_like(params),
-        inner_state=direction.init(params),
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    _check_tree_matches('scale_by_hypergradient', updates, state.last_direction)
-
-    def step_size(alpha, g, u_prev):
-      h = g.astype(alpha.dtype) * u_prev.astype(alpha.dtype)
-      return alpha + hyper_learning_rate * (h if per_parameter else jnp.sum(h))
-
-    rate_def = jax.tree.structure(state.learning_rates)
-    rates = rate_def.unflatten([
-        step_size(a, g, u) for a, g, u in zip(jax.tree.leaves(state.learning_rates),
-                                              jax.tree.leaves(updates),
-                                              jax.tree.leaves(state.last_direction))])
-    directions, inner_state = direction.update(
-        updates, state.inner_state, params, **extra_args)
-    new_updates = jax.tree.structure(directions).unflatten([
-        (a * u.astype(a.dtype)).astype(u.dtype)
-        for a, u in zip(jax.tree.leaves(rates), jax.tree.leaves(directions))])
-    return new_updates, HypergradientState(
-        count=numerics.safe_increment(state.count),
-        learning_rates=rates,
-        last_direction=optax.tree.cast_like(directions, state.last_direction),
-        inner_state=inner_state,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

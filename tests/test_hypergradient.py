@@ -128,13 +128,13 @@ def test_init_is_identity(name, structure, shape):
 
 @pytest.mark.parametrize('per_parameter', [False, True])
 def test_baydin_step_size_hypergradient(per_parameter):
-  """scale_by_hypergradient moves α by β·(−∂J/∂α) of J(θ_0 − α·u_0)."""
+  """rule='additive' moves α by β·(−∂J/∂α) of J(θ_0 − α·u_0)."""
   shape = (3, 4)
   key = jax.random.key(5)
   theta0 = jax.random.normal(key, shape, jnp.float64)
   target = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.float64)
   alpha0, beta = 0.05, 0.7
-  tx = fop_optax.scale_by_hypergradient(alpha0, beta, per_parameter=per_parameter)
+  tx = fop_optax.scale_by_hypergradient(alpha0, beta, rule='additive', per_parameter=per_parameter)
   state = tx.init(theta0)
   g0 = jax.grad(loss)(theta0, target)
   u0, state = tx.update(g0, state)

@@ -1,0 +1,79 @@
+"""Up-front checks of rates given to the transformations and aliases.
+
+One place for the rule: a rate given as a Python number, a concrete NumPy/JAX
+array or a schedule (evaluated at step 0) must be finite and non-negative
+(positive where zero makes no sense). Tracers, e.g. the arrays that
+``optax.inject_hyperparams`` passes inside ``jax.jit``, cannot be inspected and
+are let through.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+__all__ = ['check_number', 'check_rate']
+
+
+def _concrete(value: Any) -> Optional[np.ndarray]:
+  """``value`` as a float NumPy array, or ``None`` if it cannot be inspected."""
+  if isinstance(value, bool):
+    return None
+  if isinstance(value, numbers.Real):
+    return np.asarray(float(value))
+  if isinstance(value, jax.core.Tracer):
+    return None
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    try:
+      array = np.asarray(value)
+    except Exception:  # pylint: disable=broad-except  # e.g. a non-addressable array
+      return None
+    if np.issubdtype(array.dtype, np.complexfloating):
+      raise TypeError(f'expected a real rate, got a complex array of dtype {array.dtype}')
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+      return None
+    return array.astype(np.float64)
+  return None
+
+
+def check_number(name: str, value: Any, *, allow_zero: bool, where: str = '') -> None:
+  """Raises ``ValueError`` if a concrete ``value`` is non-finite or out of range.
+
+  Args:
+    name: the argument's name, for the message.
+    value: a Python number or a NumPy/JAX array; tracers and other objects
+      are not checked.
+    allow_zero: whether 0 is allowed (``>= 0``) or not (``> 0``).
+    where: the function's name, prefixed to the message.
+  """
+  array = _concrete(value)
+  if array is None:
+    return
+  prefix = f'{where}: ' if where else ''
+  bound = '>= 0' if allow_zero else '> 0'
+  shown = value if array.ndim == 0 else array
+  if not np.all(np.isfinite(array)):
+    raise ValueError(f'{prefix}{name} must be finite and {bound}, got {shown}')
+  if np.any(array < 0) or (not allow_zero and np.any(array == 0)):
+    raise ValueError(f'{prefix}{name} must be {bound}, got {shown}')
+
+
+def check_rate(name: str, value: Any, *, allow_zero: bool = False, where: str = '') -> None:
+  """Like :func:`check_number`, and a schedule is checked at step 0.
+
+  A schedule (any callable) is called once with ``0``; if that fails, or
+  returns something that cannot be inspected, it is not checked here. Its
+  value at step 0 may be 0 (warm-up schedules start there) but must be finite
+  and not negative.
+  """
+  if callable(value):
+    try:
+      value = value(0)
+    except Exception:  # pylint: disable=broad-except  # e.g. a schedule that needs an array
+      return
+    name = f'{name} (a schedule) at step 0'
+    allow_zero = True
+  check_number(name, value, allow_zero=allow_zero, where=where)
