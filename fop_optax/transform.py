@@ -12,6 +12,7 @@ References:
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple, Optional
 
 import jax
