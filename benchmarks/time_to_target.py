@@ -77,7 +77,7 @@ OPTIMIZERS = {
     'adam': lambda: optax.adam(1e-3),
     'fop': lambda: fop_optax.fop(0.05, momentum=0.9),
     'fop_adam': lambda: fop_optax.fop_adam(1e-3),
-    'shd': lambda: fop_optax.sgd_hd(0.05, 1e-3, momentum=0.9),
+    'shd': lambda: fop_optax.sgd_hd(0.05, momentum=0.9),
     'muon': lambda: optax.contrib.muon(0.02, adam_learning_rate=1e-3,
                                        muon_weight_dimension_numbers=_muon_dims),
     'psgd_kron': lambda: _psgd_kron(1e-3),

@@ -188,8 +188,10 @@ def data_and_model(args):
 # 1e-4, P stays close to I over our few hundred steps and FOP tracks momentum closely.
 # Scripts expose --hyper-lr; see docs/results_classify.md.
 FOP_HYPER_LR = 1e-4
-# β of S-HD / PP-HD (Baydin et al.'s SGD-HD default 1e-3).
-HD_HYPER_LR = 1e-3
+# β of S-HD / PP-HD: None = the default rule's own default (rule='log', β = 0.05; see
+# docs/hd_rules.md). The results in docs/results_classify.md before 2026-12 used Baydin's
+# additive rule with β = 1e-3 (sgd_hd(..., 1e-3, rule='additive') reproduces them).
+HD_HYPER_LR = None
 # Adam-family step size: the usual 1e-3 (the SGD learning rate is ignored for these).
 ADAM_LR = 1e-3
 

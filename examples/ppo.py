@@ -53,7 +53,7 @@ GYMNASIUM_ENVS = ('BipedalWalker-v3',)
 # FOP's M is trained by Adam at this rate. The paper's 1e-4 is for ~60k steps of CIFAR-10; a
 # PPO run here is a few thousand minibatch steps, at 1e-4 P hardly leaves the identity.
 FOP_HYPER_LR = 1e-3
-HD_HYPER_LR = 1e-3  # beta of S-HD (Baydin et al.'s default)
+HD_HYPER_LR = None  # beta of S-HD: the default rule's own (rule='log'; docs/hd_rules.md)
 MOMENTUM = 0.9
 
 OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {

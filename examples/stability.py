@@ -188,7 +188,7 @@ def run_one(spec, data, model_fn, args, seed):
   skipped = [int(s.skipped_steps) for s in jax.tree.leaves(
       state, is_leaf=lambda s: isinstance(s, fop_optax.SkipNonFiniteState))
       if isinstance(s, fop_optax.SkipNonFiniteState)]
-  return {'optimizer': spec, 'seed': seed, 'log': log, 'epochs': epochs,
+  return {'spec': spec, 'seed': seed, 'log': log, 'epochs': epochs,
           'skipped_steps': skipped[0] if skipped else 0, 'seconds': time.perf_counter() - t0}
 
 
@@ -200,6 +200,44 @@ def _as_state(graphdef, model, params):
 
 def _restore(graphdef, model, params):
   return _as_state(graphdef, model, params)
+
+
+def plot(results, path: str, title: str, eta: float, momentum: float) -> None:
+  """Three panels: test accuracy per epoch (mean over seeds, min–max band); λ_max(P) of each
+  preconditioned leaf over steps (seed 0); and η·λ_max(P·H) against heavy-ball's limit 2(1+β)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  specs = list(dict.fromkeys(r['spec'] for r in results))
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  for spec in specs:
+    runs = [r for r in results if r['spec'] == spec]
+    acc = np.array([r['epochs']['test_accuracy'] for r in runs])
+    ep = runs[0]['epochs']['epoch']
+    line, = axes[0].plot(ep, acc.mean(0), label=spec)
+    axes[0].fill_between(ep, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2)
+    first = runs[0]
+    if first['log']['spectra'] and first['log']['spectra'][0]:
+      for leaf in first['log']['spectra'][0]:
+        axes[1].plot(first['log']['step'], [sp[leaf]['max'] for sp in first['log']['spectra']],
+                     color=line.get_color(), alpha=0.8, lw=1)
+    if first['log']['sharpness_p']:
+      lr = ADAM_LR if spec.startswith(('adam', 'fop_adam')) else eta
+      if not spec.startswith(('adam', 'fop_adam')):
+        axes[2].plot(first['log']['step'], lr * np.asarray(first['log']['sharpness_p']),
+                     color=line.get_color(), label=spec)
+  axes[0].set(xlabel='epoch', ylabel='test accuracy', title=title)
+  axes[0].legend(fontsize=8)
+  axes[1].set(xlabel='step', ylabel='λ_max(P) per leaf (seed 0)', yscale='log',
+              title='largest eigenvalue of each applied P')
+  axes[2].axhline(2 * (1 + momentum), color='k', ls='--', label='2(1+β): heavy-ball limit')
+  axes[2].set(xlabel='step', ylabel='η·λ_max(P·H)', yscale='log',
+              title='preconditioned sharpness (1024-example batch)')
+  axes[2].legend(fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
 
 
 def main(argv=None):
@@ -221,6 +259,7 @@ def main(argv=None):
   parser.add_argument('--sharpness', action='store_true')
   parser.add_argument('--sharpness-iters', type=int, default=20)
   parser.add_argument('--out', default='results/stability')
+  parser.add_argument('--plot', default=None, help='save the figure here (PNG)')
   args = parser.parse_args(argv)
   data, model_fn = common.data_and_model(args)
   specs = [s for s in args.optimizers.replace('+', ' ').replace(',', ' ').split() if s]
@@ -233,21 +272,24 @@ def main(argv=None):
       path = os.path.join(args.out, 'runs', f'{spec.replace(":", "__").replace(";", "_")}_seed{seed}.json')
       if os.path.exists(path):
         with open(path) as f:
-          results.append(json.load(f))
+          results.append(dict(json.load(f), spec=spec))
         print(f'{spec} seed {seed}: done before, loaded {path}')
         continue
       result = run_one(spec, data, model_fn, args, seed)
       common.save_json(result, path)
-      results.append(result)
+      results.append(dict(result, spec=spec))
   rows = []
   for spec in specs:
-    runs = [r for r in results if r['optimizer'] == spec]
+    runs = [r for r in results if r['spec'] == spec]
     accs = [r['epochs']['test_accuracy'][-1] for r in runs]
     lam = [max((v['max'] for v in r['log']['spectra'][-1].values()), default=float('nan'))
            for r in runs]
     rows.append([spec, ', '.join(f'{a:.3f}' for a in accs), f'{np.mean(accs):.3f}',
                  ', '.join(f'{x:.2f}' for x in lam)])
   common.print_table(rows, ['optimiser', 'final test acc (seeds)', 'mean', 'max λ_max(P) at end'])
+  if args.plot:
+    plot(results, args.plot, f'{args.dataset} {args.model}, batch {args.batch_size}, lr {args.lr}',
+         args.lr, args.momentum)
   return results
 
 

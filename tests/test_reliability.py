@@ -84,8 +84,14 @@ def test_inf_update_from_finite_gradient_is_also_skipped():
 
 
 @pytest.mark.parametrize('structures', ['auto', 'diagonal', 'full'])
-def test_preconditioners_stay_finite_and_psd_over_10k_noisy_steps(structures):
-  """10,000 noisy steps with a hyper learning rate 1000x the paper's."""
+def test_preconditioners_stay_finite_psd_and_bounded_over_10k_noisy_steps(structures):
+  """10,000 noisy steps with a hyper learning rate 1000x the paper's.
+
+  Only what the code guarantees is asserted: everything finite, no step skipped, every
+  applied P symmetric PSD with λ_max ≤ max_scale (the guard), and the parameters within
+  a bounded distance of where they started. Where the chaotic noisy run happens to end
+  (its loss) differs from one CPU to the next and is not asserted.
+  """
   tx = fop_optax.fop(0.05, hyper_learning_rate=0.1, structures=structures)
 
   @jax.jit
@@ -100,21 +106,18 @@ def test_preconditioners_stay_finite_and_psd_over_10k_noisy_steps(structures):
   params, state = train(PARAMS)
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves((params, state)))
   assert int(state.skipped_steps) == 0
-  for p in jax.tree.leaves(fop_optax.diagnostics.spectra(state, PARAMS, structures)):
-    assert float(p.min()) >= -1e-4 * max(1.0, float(p.max())), p  # PSD up to rounding
-    assert float(p.max()) <= 100.0 * p.size  # within the max_scale guard
-  # Bounded, not better: at this hyper learning rate P sits at the guard and the
-  # greedy one-step hypergradient amplifies the minibatch noise, so the expected
-  # loss ends above its start on most noise streams. Measured over 3 key streams
-  # (start 1.12; plain momentum 0.89-1.02): auto 1.2-5.2, diagonal 1.4-3.5, full
-  # 1.3-4.8; with max_scale=None the same run (auto) ends at 2e15.
-  start, end = expected_loss(PARAMS), expected_loss(params)
-  assert end < 10 * start, (start, end)
-
-
-def expected_loss(params):
-  keys = jax.random.split(jax.random.key(123), 512)
-  return float(jnp.mean(jax.vmap(lambda k: loss(params, k))(keys)))
+  bound = fop_optax.transform.DEFAULT_MAX_SCALE
+  for p in jax.tree.leaves(fop_optax.diagnostics.preconditioner_matrices(state, PARAMS, structures)):
+    p = np.asarray(p, np.float64)
+    if p.ndim == 2 and p.shape[0] == p.shape[1] and structures != 'diagonal':
+      np.testing.assert_allclose(p, p.T, atol=1e-5)
+      ev = np.linalg.eigvalsh(p)
+    else:
+      ev = p.ravel()
+    assert ev.min() >= -1e-5 and ev.max() <= bound * (1 + 1e-4), (ev.min(), ev.max())
+  # With every step at most the base step along any direction, momentum SGD on this
+  # 1-Lipschitz-gradient objective cannot run away: the weights stay O(1).
+  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(params)) < 10.0
 
 
 def test_orbax_checkpoint_resume_is_bit_exact(tmp_path):
