@@ -185,10 +185,17 @@ def run_one(spec, data, model_fn, args, seed):
     top = max((v['max'] for v in log['spectra'][-1].values()), default=float('nan'))
     print(f'{spec} seed {seed} epoch {epoch + 1}: loss {epochs["train_loss"][-1]:.4f} '
           f'test acc {acc:.4f} max λ_max(P) {top:.3f} ({time.perf_counter() - t0:.0f}s)', flush=True)
+  angles = {}
+  if has_fop:
+    # The angle between g and P·g on the probe batch, per leaf (0° = P acts as a scale only).
+    grads = jax.grad(loss_fn_pure)(params, probe_x, probe_y)
+    tree = fop_optax.diagnostics.rotation_angles(state, grads, normalize=normalize)
+    angles = {jax.tree_util.keystr(p): float(a)
+              for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
   skipped = [int(s.skipped_steps) for s in jax.tree.leaves(
       state, is_leaf=lambda s: isinstance(s, fop_optax.SkipNonFiniteState))
       if isinstance(s, fop_optax.SkipNonFiniteState)]
-  return {'spec': spec, 'seed': seed, 'log': log, 'epochs': epochs,
+  return {'spec': spec, 'seed': seed, 'log': log, 'epochs': epochs, 'final_angles': angles,
           'skipped_steps': skipped[0] if skipped else 0, 'seconds': time.perf_counter() - t0}
 
 

@@ -542,14 +542,18 @@ class LowRank(Structure):
     else:
       b = jnp.concatenate([u, v], axis=1)
       d = jnp.sqrt(jnp.sum(jnp.square(b), axis=0))
-      q, _ = jnp.linalg.qr(b / jnp.where(d > 0, d, 1.0))
+      q = _orthonormal_columns(b / jnp.where(d > 0, d, 1.0))
     return q, u @ (v.T @ q)
 
   def _eigen(self, m):
-    """``(λ, Φ)``: ``P``'s eigenvalues on ``span(Q)`` (ascending) and unit eigenvectors (a×2r)."""
+    """``(λ, Φ)``: ``P``'s eigenvalues on ``span(Q)`` (ascending) and unit eigenvectors (a×2r).
+
+    Zero columns of ``Q`` get eigenvalue 1 and a zero eigenvector.
+    """
     q, y = self._basis(m)
     mq = q + y
-    lam, w = jnp.linalg.eigh(mq.T @ mq)
+    empty = (jnp.sum(jnp.square(q), axis=0) == 0).astype(m.dtype)
+    lam, w = jnp.linalg.eigh(mq.T @ mq + jnp.diag(empty))
     return lam, q @ w
 
   def _top(self, m):
@@ -690,7 +694,7 @@ class LowRank(Structure):
     q, y = self._basis(m)
     # P on span(Q) for M(c) = I + c·UVᵀ: (Q + cY)ᵀ(Q + cY) = I + c(QᵀY + YᵀQ) + c²YᵀY.
     qy, yy = q.T @ y, y.T @ y
-    eye = jnp.eye(q.shape[1], dtype=m.dtype)
+    eye = jnp.diag((jnp.sum(jnp.square(q), axis=0) == 0).astype(m.dtype)) + q.T @ q
 
     def lam(c):
       return jnp.linalg.eigvalsh(eye + c * (qy + qy.T) + c * c * yy)[-1]
@@ -724,6 +728,21 @@ def _gershgorin_bound(p):
 # Low rank keeps its raw M within λ_max(MᵀM) ≤ 2B (LowRank.clip), found by bisection to 2⁻¹⁶.
 _STATE_BOUND_FACTOR = 2.0
 _BISECTION_STEPS = 16
+
+
+def _orthonormal_columns(b):
+  """Classical Gram–Schmidt, twice per column (CGS2): orthonormal ``Q`` with ``span(Q) = span(b)``.
+
+  A column whose remainder is exactly zero is left zero.
+  """
+  def column(j, q):
+    x = jax.lax.dynamic_index_in_dim(b, j, axis=1, keepdims=False)
+    x = x - q @ (q.T @ x)
+    x = x - q @ (q.T @ x)
+    n = jnp.sqrt(jnp.sum(jnp.square(x)))
+    x = jnp.where(n > 0, x / jnp.where(n > 0, n, 1.0), 0.0)
+    return jax.lax.dynamic_update_index_in_dim(q, x, j, axis=1)
+  return jax.lax.fori_loop(0, b.shape[1], column, jnp.zeros_like(b))
 
 
 def _scale_rows(w, z):
