@@ -286,14 +286,21 @@ def main(argv=None):
       common.save_json(result, path)
       results.append(dict(result, spec=spec))
   rows = []
+  checkpoints = sorted({1, 3, 5, 10, args.epochs} & set(range(1, args.epochs + 1)))
   for spec in specs:
     runs = [r for r in results if r['spec'] == spec]
-    accs = [r['epochs']['test_accuracy'][-1] for r in runs]
-    lam = [max((v['max'] for v in r['log']['spectra'][-1].values()), default=float('nan'))
-           for r in runs]
-    rows.append([spec, ', '.join(f'{a:.3f}' for a in accs), f'{np.mean(accs):.3f}',
-                 ', '.join(f'{x:.2f}' for x in lam)])
-  common.print_table(rows, ['optimiser', 'final test acc (seeds)', 'mean', 'max λ_max(P) at end'])
+    cells = []
+    for e in checkpoints:
+      accs = np.array([r['epochs']['test_accuracy'][e - 1] for r in runs])
+      cells.append(f'{accs.mean():.3f} [{accs.min():.3f}–{accs.max():.3f}]' if len(accs) > 1
+                   else f'{accs.mean():.3f}')
+    last = [r['log']['spectra'][-1] for r in runs if r['log']['spectra'] and r['log']['spectra'][-1]]
+    lam_max = max((v['max'] for sp in last for v in sp.values()), default=float('nan'))
+    lam_min = min((v['min'] for sp in last for v in sp.values()), default=float('nan'))
+    angle = max((a for r in runs for a in (r.get('final_angles') or {}).values()), default=float('nan'))
+    rows.append([spec, len(runs), *cells, f'{lam_max:.2f}', f'{lam_min:.3f}', f'{angle:.2f}'])
+  common.print_table(rows, ['optimiser', 'seeds', *(f'acc @ {e} ep' for e in checkpoints),
+                            'λ_max(P) end', 'λ_min(P) end', 'max ∠(g, Pg) end (°)'])
   if args.plot:
     plot(results, args.plot, f'{args.dataset} {args.model}, batch {args.batch_size}, lr {args.lr}',
          args.lr, args.momentum)
