@@ -45,6 +45,9 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import fop_optax  # noqa: E402
 from fop_optax import structures as S  # noqa: E402
+# The timing machinery (donated update step, interleaved repetitions, state bytes) is overhead.py's.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead import _interleaved, _make_update, _nbytes  # noqa: E402
 
 LR = 0.05
 TARGET = 1.15
@@ -79,10 +82,6 @@ def old_rule(params):
                       S.Spatial() if x.ndim >= 3 else S.default_structure(x.shape), params)
 
 
-def _nbytes(tree) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, 'dtype'))
-
-
 def _make_step(graphdef, tx):
   def loss_fn(params, tokens):
     logits = nnx.merge(graphdef, params)(tokens)[:, :-1]
@@ -94,26 +93,6 @@ def _make_step(graphdef, tx):
     return optax.apply_updates(params, updates), state, loss
 
   return jax.jit(step, donate_argnums=(0, 1))
-
-
-def _make_update(tx):
-  def update(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  return jax.jit(update, donate_argnums=(0, 1))
-
-
-def _interleaved(runners, reps: int, inner: int) -> dict[str, list[float]]:
-  """Seconds per call of each runner; the order rotates every repetition."""
-  names, times = list(runners), {n: [] for n in runners}
-  for r in range(reps):
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      t0 = time.perf_counter()
-      for _ in range(inner):
-        runners[name]()
-      times[name].append((time.perf_counter() - t0) / inner)
-  return times
 
 
 def structure_summary(params) -> dict[str, str]:

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import fop_optax
+import test_reliability
 from fop_optax import structures as S
 
 PARAMS = {
@@ -25,13 +26,8 @@ PARAMS = {
 RTOL = 1e-4
 
 
-def noisy_loss(params, key):
-  """Each key is a different minibatch; the noise makes P's hypergradient noisy too."""
-  noise = jax.random.normal(key, (4,))
-  total = 0.0
-  for i, x in enumerate(jax.tree.leaves(params)):
-    total += jnp.mean((x - 0.5 * noise[i % 4]) ** 2) + 0.1 * jnp.mean(jnp.sin(3 * x))
-  return total
+# A noisy objective: each key is a different minibatch, so P's hypergradient is noisy too.
+noisy_loss = test_reliability.loss
 
 
 def applied_matrices(structure, ms, shape):
