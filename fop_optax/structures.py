@@ -283,6 +283,15 @@ class Structure:
     del max_scale
     return self
 
+  def top_eigen(self, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(λ, ∂λ/∂m)``: ``λ = λ_max(MᵀM)`` of the raw ``M`` (no FOP-norm, no guard) and its gradient.
+
+    Where ``λ_max`` is not simple the gradient is a subgradient. Used by the
+    time-dependent normalisation of :func:`fop_optax.scale_by_fop`'s ``gamma``.
+    """
+    lam = jnp.max(jnp.square(m))
+    return lam, jax.grad(lambda x: jnp.max(jnp.square(x)))(m)
+
   def max_eigenvalue(self, m: jax.Array) -> jax.Array:
     """``λ_max`` of the ``P`` this structure applies (after FOP-norm and the guard)."""
     return jnp.max(jnp.square(m)) if m.ndim else jnp.square(m)
@@ -316,6 +325,9 @@ class NoPreconditioner(Structure):
 
   def max_eigenvalue(self, m):
     return jnp.ones((), m.dtype)
+
+  def top_eigen(self, m):
+    return jnp.ones((), m.dtype), jnp.zeros_like(m)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,6 +449,10 @@ class Full(Structure):
 
   def max_eigenvalue(self, m):
     return jnp.linalg.eigvalsh(self._p(m))[-1]
+
+  def top_eigen(self, m):
+    lam, v = _top_eigenpair(m.T @ m)   # ∂(vᵀMᵀMv)/∂M = 2 M v vᵀ
+    return lam, 2 * jnp.outer(m @ v, v)
 
   def hyper_step_scale(self, shape):
     # ‖ΔM‖₂ ≤ lr·a for Adam's sign-like steps; the paper's 3×3 kernels have a = 9.
@@ -666,6 +682,12 @@ class LowRank(Structure):
       phi, _, excess = self._clipping(m)
       p = p - (phi * excess) @ phi.T
     return p
+
+  def top_eigen(self, m):
+    # ∂λ/∂M = 2 M v vᵀ; on U: (2 M v vᵀ) V, on V: (2 M v vᵀ)ᵀ U (v = 0 where λ_max = 1).
+    lam, v = self._top(m)
+    mv = self._m(m, v[:, None])[:, 0]
+    return lam, 2 * jnp.stack([jnp.outer(mv, v @ m[1]), jnp.outer(v, mv @ m[0])])
 
   def max_eigenvalue(self, m):
     if self.normalize:

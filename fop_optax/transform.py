@@ -111,6 +111,7 @@ def scale_by_fop(
     matrix_dtype: Optional[Any] = None,
     seed: Optional[int] = None,
     max_scale: Optional[float] = DEFAULT_MAX_SCALE,
+    gamma: Optional[tuple[optax.ScalarOrSchedule, float]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""First-order preconditioning: replaces each gradient ``g`` by ``P·g``, ``P = MᵀM``.
 
@@ -180,6 +181,12 @@ def scale_by_fop(
       ``B = 1`` your learning rate is the largest step FOP takes along any
       direction: FOP only rotates and shortens it. Must be ``>= 1`` (``P``
       starts at ``I``); ``None`` disables it (the paper's unbounded FOP).
+    gamma: ``(δ, p_∞)``: the normalisation of the paper's Theorem 1,
+      ``P̃ = P/γ(t)`` with ``γ(t) = δ(t)·‖P‖₂ + (1 − δ(t))·p_∞``, ``δ`` a float in
+      ``[0, 1]`` or an optax schedule (e.g. decaying from 1 to 0: FOP-norm first,
+      a fixed scale ``1/p_∞`` later), ``p_∞ > 0``. The hypergradient includes
+      ``γ``'s dependence on ``M`` (``∂‖P‖₂/∂M = 2Mvvᵀ``). Replaces ``normalize``
+      and the guard (``λ_max(P̃) = λ/γ ≤ 1/δ``); ``None``: off.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`FopState`.
@@ -201,7 +208,21 @@ def scale_by_fop(
   calibrate = hyper_optimizer is None
   if calibrate:
     hyper_optimizer = optax.adam(hyper_learning_rate)
+  if gamma is not None:
+    delta, p_inf = gamma
+    if normalize:
+      raise ValueError('gamma replaces normalize: pass one of them')
+    if not callable(delta) and not 0 <= delta <= 1:
+      raise ValueError(f'gamma: δ must be in [0, 1] (or a schedule), got {delta}')
+    if not p_inf > 0:
+      raise ValueError(f'gamma: p_∞ must be > 0, got {p_inf}')
+    max_scale = None   # P̃ = P/γ: the raw P is learned unclipped
   rule = dict(max_full_dim=max_full_dim, rank=rank, normalize=normalize, max_scale=max_scale)
+
+  def gamma_at(count, lam):
+    delta, p_inf = gamma
+    d = delta(count) if callable(delta) else delta
+    return d * lam + (1 - d) * p_inf, d
 
   def resolve(tree):
     return structures_lib.resolve_structures(tree, structures, **rule)
@@ -239,8 +260,17 @@ def scale_by_fop(
     # structure minus Flax Variable wrappers (see unwrapped_treedef).
     m_def = jax.tree.structure(state.preconditioners)
     ms, gs = jax.tree.leaves(state.preconditioners), jax.tree.leaves(updates)
+    def hypergradient(s, m, g, gp):
+      if gamma is None or isinstance(s, structures_lib.NoPreconditioner):
+        return s.hypergradient(m, g, gp, eta)
+      # J ≈ −η⟨C, P/γ⟩: ∂J/∂M = −(η/γ) ∂⟨C, P⟩/∂M + (η δ ⟨C, P⟩/γ²) ∂λ/∂M, ⟨C, P⟩ = ⟨G_t, P G_p⟩.
+      lam, dlam = s.top_eigen(m)
+      gam, d = gamma_at(jnp.maximum(state.count - 1, 0), lam)
+      cp = jnp.vdot(g.astype(m.dtype), s.precondition(m, gp).astype(m.dtype))
+      return s.hypergradient(m, g, gp, eta / gam) + (eta * d * cp / gam ** 2) * dlam
+
     hypergrads = m_def.unflatten(_replicate_matrices(structs, [
-        s.hypergradient(m, g, gp, eta).astype(m.dtype)
+        hypergradient(s, m, g, gp).astype(m.dtype)
         for s, m, g, gp in zip(structs, ms, gs, jax.tree.leaves(state.last_gradient))]))
     hyper_updates, hyper_state = hyper_optimizer.update(
         hypergrads, state.hyper_state, state.preconditioners)
@@ -261,8 +291,14 @@ def scale_by_fop(
     preconditioners = m_def.unflatten(
         _replicate_matrices(structs, jax.tree.leaves(preconditioners)))
 
+    def precondition(s, m, g):
+      if gamma is None or isinstance(s, structures_lib.NoPreconditioner):
+        return s.precondition(m, g)
+      gam, _ = gamma_at(state.count, s.top_eigen(m)[0])
+      return (s.precondition(m, g) / gam.astype(m.dtype)).astype(g.dtype)
+
     new_updates = jax.tree.structure(updates).unflatten([
-        s.precondition(m, g)
+        precondition(s, m, g)
         for s, m, g in zip(structs, jax.tree.leaves(preconditioners), gs)])
     return new_updates, FopState(
         count=numerics.safe_increment(state.count),

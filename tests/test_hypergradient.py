@@ -200,3 +200,55 @@ def test_default_hyper_step_is_calibrated_per_leaf():
     if name != 'bias':
       assert float(jnp.max(jnp.abs(raw[name]))) > 1e-4, name  # Adam really moved it
     np.testing.assert_allclose(calibrated[name], factor * raw[name], rtol=1e-5, atol=1e-9)
+
+
+GAMMA_CASES = [c for c in CASES if not getattr(c[1], 'normalize', False)
+               and getattr(c[1], 'max_scale', None) is None]
+
+
+@pytest.mark.parametrize('name,structure,shape', GAMMA_CASES, ids=[c[0] for c in GAMMA_CASES])
+def test_theorem1_gamma_hypergradient_equals_autodiff(name, structure, shape):
+  """P̃ = P/γ, γ = δ‖P‖₂ + (1 − δ)p_∞ (the paper's Theorem 1): closed form = autodiff."""
+  key = jax.random.key(42)
+  k1, k2, k3 = jax.random.split(key, 3)
+  theta0 = jax.random.normal(k1, shape, jnp.float64)
+  target = jax.random.normal(k2, shape, jnp.float64)
+  m_start = random_m(structure, shape, k3)
+  delta, p_inf = 0.7, 2.0
+  tx = fop_optax.scale_by_fop(ETA, hyper_optimizer=optax.sgd(1.0), structures=structure,
+                              gamma=(delta, p_inf))
+  state = tx.init(theta0)._replace(preconditioners=m_start)
+  grad = jax.grad(loss)
+  g0 = grad(theta0, target)
+  update, state = tx.update(g0, state)
+
+  def p_tilde_g(m, g):
+    gam = delta * structure.top_eigen(m)[0] + (1 - delta) * p_inf
+    return structure.precondition(m, g) / gam
+
+  np.testing.assert_allclose(update, p_tilde_g(m_start, g0), rtol=1e-12)
+  _, state = tx.update(grad(theta0 - ETA * update, target), state)
+  expected = jax.grad(lambda m: loss(theta0 - ETA * p_tilde_g(m, g0), target))(m_start)
+  assert float(jnp.max(jnp.abs(expected))) > 1e-3
+  np.testing.assert_allclose(m_start - state.preconditioners, expected, rtol=1e-9, atol=1e-11)
+  # top_eigen's λ is the dense λ_max of MᵀM.
+  raw = dataclasses.replace(structure, max_scale=None) if hasattr(structure, 'max_scale') else structure
+  if isinstance(structure, (S.Full, S.LowRank)):
+    dense = np.linalg.eigvalsh(np.asarray(raw.matrix(m_start, shape)))[-1]
+    np.testing.assert_allclose(float(structure.top_eigen(m_start)[0]), dense, rtol=1e-10)
+
+
+def test_theorem1_gamma_at_delta_one_is_fop_norm():
+  shape, key = (5, 7), jax.random.key(9)
+  theta = jax.random.normal(key, shape, jnp.float64)
+  grads = [jnp.sin(theta * (i + 1)) for i in range(4)]
+  def run(tx):
+    state, out = tx.init(theta), []
+    for g in grads:
+      u, state = tx.update(g, state)
+      out.append(u)
+    return out
+  a = run(fop_optax.scale_by_fop(0.1, 1e-2, structures='full', gamma=(1.0, 3.0)))
+  b = run(fop_optax.scale_by_fop(0.1, 1e-2, structures='full', normalize=True, max_scale=None))
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9)
