@@ -1,8 +1,7 @@
 """Long-run stability of FOP: what P learns over training, and whether the run survives.
 
-Trains the classification examples' models (``examples/common.py``) with a functional,
-``lax.scan``-compiled loop (one dispatch per ``--log-every`` steps, so 15-epoch batch-32 runs fit a
-CPU) and logs, every ``--log-every`` steps, for every preconditioned leaf: ``λ_max(P)`` and the mean
+Trains the classification examples' models (``examples/common.py``) with a functional loop of
+jitted steps and logs, every ``--log-every`` steps, for every preconditioned leaf: ``λ_max(P)`` and the mean
 eigenvalue of ``P`` (:func:`fop_optax.diagnostics.spectra`), the minibatch loss, and, with
 ``--sharpness``, ``λ_max`` of the loss Hessian ``H`` and of the preconditioned ``P·H`` on a fixed
 batch (power iteration with Hessian-vector products), against the heavy-ball stability limit
@@ -107,16 +106,23 @@ def run_one(spec, data, model_fn, args, seed):
       state, is_leaf=lambda s: isinstance(s, fop_optax.FopState)))
   _, kw = parse_optimizer(spec)
   normalize = kw.get('normalize', spec.startswith('fop_norm'))
+  # Read the state with the structures the transformation used (its guard included).
+  rule = dict(normalize=normalize, max_scale=kw.get('max_scale', fop_optax.transform.DEFAULT_MAX_SCALE))
 
   @jax.jit
+  def train_step(params, state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn_pure)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
   def chunk(params, state, xs, ys):
-    def body(carry, batch):
-      params, state = carry
-      loss, grads = jax.value_and_grad(loss_fn_pure)(params, *batch)
-      updates, state = tx.update(grads, state, params)
-      return (optax.apply_updates(params, updates), state), loss
-    (params, state), losses = jax.lax.scan(body, (params, state), (xs, ys))
-    return params, state, losses
+    # A Python loop over jitted steps: XLA:CPU runs convolutions inside a lax.scan
+    # body far slower than at top level (the digits CNN took seconds per step).
+    losses = []
+    for x, y in zip(xs, ys):
+      params, state, loss = train_step(params, state, x, y)
+      losses.append(loss)
+    return params, state, jnp.stack(losses)
 
   @jax.jit
   def evaluate(params, x, y):
@@ -133,7 +139,7 @@ def run_one(spec, data, model_fn, args, seed):
     if not has_fop:
       return h, h
     fop_state = fop_optax.diagnostics.find_fop_state(state)
-    structs = jax.tree.leaves(fop_optax.resolve_structures(params, normalize=normalize))
+    structs = jax.tree.leaves(fop_optax.resolve_structures(params, **rule))
     def phv(v):
       hv = jax.tree.leaves(hvp(v))
       return jax.tree.unflatten(jax.tree.structure(params), [
@@ -144,7 +150,7 @@ def run_one(spec, data, model_fn, args, seed):
   def spectra(state):
     if not has_fop:
       return {}
-    spec_tree = fop_optax.diagnostics.spectra(state, params, normalize=normalize)
+    spec_tree = fop_optax.diagnostics.spectra(state, params, **rule)
     out = {}
     for path, ev in jax.tree_util.tree_flatten_with_path(spec_tree)[0]:
       ev = np.asarray(ev)
@@ -189,7 +195,7 @@ def run_one(spec, data, model_fn, args, seed):
   if has_fop:
     # The angle between g and P·g on the probe batch, per leaf (0° = P acts as a scale only).
     grads = jax.grad(loss_fn_pure)(params, probe_x, probe_y)
-    tree = fop_optax.diagnostics.rotation_angles(state, grads, normalize=normalize)
+    tree = fop_optax.diagnostics.rotation_angles(state, grads, **rule)
     angles = {jax.tree_util.keystr(p): float(a)
               for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
   skipped = [int(s.skipped_steps) for s in jax.tree.leaves(
@@ -215,6 +221,7 @@ def plot(results, path: str, title: str, eta: float, momentum: float) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   specs = list(dict.fromkeys(r['spec'] for r in results))
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
   for spec in specs:
@@ -228,6 +235,8 @@ def plot(results, path: str, title: str, eta: float, momentum: float) -> None:
       for leaf in first['log']['spectra'][0]:
         axes[1].plot(first['log']['step'], [sp[leaf]['max'] for sp in first['log']['spectra']],
                      color=line.get_color(), alpha=0.8, lw=1)
+        axes[1].plot(first['log']['step'], [sp[leaf]['min'] for sp in first['log']['spectra']],
+                     color=line.get_color(), alpha=0.8, lw=1, ls='--')
     if first['log']['sharpness_p']:
       lr = ADAM_LR if spec.startswith(('adam', 'fop_adam')) else eta
       if not spec.startswith(('adam', 'fop_adam')):
@@ -235,8 +244,9 @@ def plot(results, path: str, title: str, eta: float, momentum: float) -> None:
                      color=line.get_color(), label=spec)
   axes[0].set(xlabel='epoch', ylabel='test accuracy', title=title)
   axes[0].legend(fontsize=8)
-  axes[1].set(xlabel='step', ylabel='λ_max(P) per leaf (seed 0)', yscale='log',
-              title='largest eigenvalue of each applied P')
+  axes[1].set(xlabel='step', ylabel='eigenvalue of P per leaf (seed 0)', yscale='symlog',
+              title='λ_max (solid) and λ_min (dashed) of each applied P')
+  axes[1].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
   axes[2].axhline(2 * (1 + momentum), color='k', ls='--', label='2(1+β): heavy-ball limit')
   axes[2].set(xlabel='step', ylabel='η·λ_max(P·H)', yscale='log',
               title='preconditioned sharpness (1024-example batch)')
