@@ -116,8 +116,10 @@ def skip_nonfinite(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    zero = jnp.zeros([], jnp.int32)
-    return SkipNonFiniteState(zero, zero, inner.init(params))
+    # Two arrays, not one shared: a state whose leaves share a buffer cannot be
+    # donated (jax.jit(..., donate_argnums=...) rejects the same buffer twice).
+    return SkipNonFiniteState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32),
+                              inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)

@@ -99,3 +99,15 @@ def test_warn_after_none_is_silent():
   tx = fop_optax.skip_nonfinite(optax.sgd(0.1), warn_after=None)
   _, state, caught = run(tx, [NAN] * 10)
   assert caught == [] and int(state.skipped_steps) == 10
+
+
+def test_state_can_be_donated():
+  """No two leaves of the state share a buffer (donation would reject it)."""
+  import optax
+  tx = fop_optax.fop(0.05)
+  params = {'w': jnp.ones((4, 3)), 'b': jnp.zeros(3)}
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p)[1], donate_argnums=(1,))
+  for _ in range(2):
+    state = step(params, state, jax.tree.map(jnp.ones_like, params))
+  assert int(state.skipped_steps) == 0
