@@ -3,8 +3,10 @@
 All functions take an optimiser state (FOP's own, or any state that contains
 one, e.g. from :func:`fop_optax.fop` or an ``optax.chain``), the parameters (or
 anything with their shapes, such as gradients) and the same ``structures`` and
-rule keywords given to :func:`fop_optax.scale_by_fop`, so that each leaf's
-``M`` is read the way the transformation reads it. Nothing is modified.
+rule keywords given to :func:`fop_optax.scale_by_fop` (``max_scale`` included:
+the default is the transformation's default, 1), so that each leaf's ``M`` is
+read the way the transformation reads it and the ``P`` reported is the one
+applied. Nothing is modified.
 """
 
 from __future__ import annotations
