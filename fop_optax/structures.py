@@ -412,6 +412,8 @@ class Full(Structure):
 
   def _p(self, m):
     p = m.T @ m
+    if m.shape[0] == 0:   # a zero-size leaf: nothing to normalise or clip
+      return p
     if self.normalize:
       return p / jnp.linalg.eigvalsh(p)[-1]
     if self.max_scale is None:
@@ -426,14 +428,14 @@ class Full(Structure):
   def hypergradient(self, m, g, g_prev, learning_rate):
     # One product per leaf for C = G_t G_pᵀ; the rest is a×a.
     c = _gram(g.astype(m.dtype), g_prev.astype(m.dtype), self._row_axes(g.shape))
-    if self.normalize:
+    if self.normalize and m.shape[0] > 0:
       # P̃ = P/λ, λ = λ_max(P) = vᵀPv with ∂λ/∂M = 2 M v vᵀ (v its unit
       # eigenvector; a subgradient where λ_max is not simple), so
       # ∂J/∂M = −(η/λ) [M(C + Cᵀ) − (2/λ)⟨C, P⟩ M v vᵀ].
       p = m.T @ m
       lam, v = _top_eigenpair(p)
       grad = (m @ (c + c.T) - (2 * jnp.vdot(c, p) / lam) * jnp.outer(m @ v, v)) / lam
-    elif self.max_scale is not None:
+    elif self.max_scale is not None and m.shape[0] > 0:
       # P̃ = f(P) with f = min(·, B) on the eigenvalues: ∂⟨C, f(P)⟩/∂P = Z =
       # Q (L ∘ QᵀCQ) Qᵀ with L the divided differences of f (Daleckii–Krein), so
       # ∂J/∂M = −η M (Z + Zᵀ); Z = C when no eigenvalue exceeds B.
@@ -448,9 +450,13 @@ class Full(Structure):
     return self._p(m)
 
   def max_eigenvalue(self, m):
+    if m.shape[0] == 0:
+      return jnp.ones((), m.dtype)
     return jnp.linalg.eigvalsh(self._p(m))[-1]
 
   def top_eigen(self, m):
+    if m.shape[0] == 0:
+      return jnp.ones((), m.dtype), jnp.zeros_like(m)
     lam, v = _top_eigenpair(m.T @ m)   # ∂(vᵀMᵀMv)/∂M = 2 M v vᵀ
     return lam, 2 * jnp.outer(m @ v, v)
 
@@ -467,6 +473,8 @@ class Full(Structure):
     # eigenvectors and every eigenvalue below B, and a direction at the bound can
     # come back down. FOP-norm's P̃ = P/λ_max is scale-invariant: there M is only
     # rescaled as a whole to keep λ_max(MᵀM) ≤ B, leaving P̃ unchanged.
+    if m.shape[0] == 0:
+      return m
     p = m.T @ m
     bound = jnp.asarray(max_scale, p.dtype)
 
@@ -577,6 +585,8 @@ class LowRank(Structure):
 
     ``λ_max = max(λ_span)``, and at least 1 whenever ``a > 2r`` (``P = I`` on the complement).
     """
+    if self._empty(m):
+      return jnp.ones((), m.dtype), jnp.zeros(m.shape[1], m.dtype)
     lam, phi = self._eigen(m)
     has_complement = phi.shape[0] > phi.shape[1]
     grows = lam[-1] > 1 if has_complement else jnp.array(True)
@@ -600,6 +610,10 @@ class LowRank(Structure):
     return self.max_scale is not None and not self.normalize
 
   @staticmethod
+  def _empty(m):
+    return m.shape[1] == 0 or m.shape[2] == 0   # a zero-size leaf
+
+  @staticmethod
   def _factors(m):
     """``L = [U, V]`` and ``R = [V, MᵀU]`` (a×2r) with ``P = I + L Rᵀ``.
 
@@ -616,7 +630,7 @@ class LowRank(Structure):
     rows = self.row_axes
     # P·G = G + L (Rᵀ G): two (a×2r)-wide products, each one pass over G.
     out = s * (x + _expand_rows(left, _contract_rows(right, x, rows), x, rows))
-    if self._clips:
+    if self._clips and not self._empty(m):
       phi, _, excess = self._clipping(m)
       out = jax.lax.cond(
           jnp.any(excess > 0),
@@ -635,7 +649,7 @@ class LowRank(Structure):
     xgp = _contract_rows(x, gp, rows)
     sx = _contract_cols(gt, xgp, rows) + _contract_cols(gp, _contract_rows(x, gt, rows), rows)
     r = u.shape[1]
-    if self._clips:
+    if self._clips and not self._empty(m):
       sx = jax.lax.cond(jnp.any(self._clipping(m)[2] > 0),
                         lambda sx: sx - self._clip_correction(m, gt, gp, x), lambda sx: sx, sx)
     du, dv = self._m(m, sx[:, :r]), sx[:, r:]
@@ -666,7 +680,8 @@ class LowRank(Structure):
     ct_phi = _contract_cols(gp, _contract_rows(phi, gt, rows), rows)   # Cᵀ Φ
     phi_c_phi = phi.T @ c_phi                                           # Φᵀ C Φ
     a = (1 - _divided_differences(lam, self.max_scale)) * phi_c_phi
-    d = excess / jnp.where(lam > 1, lam - 1, 1.0)
+    kink = self.max_scale * (1 + _KINK_RTOL)
+    d = jnp.where(lam > kink, (lam - self.max_scale) / jnp.where(lam > 1, lam - 1, 1.0), 0.0)
     q1 = c_phi - phi @ phi_c_phi
     q2 = ct_phi - phi @ phi_c_phi.T
     f = phi.T @ x
@@ -678,7 +693,7 @@ class LowRank(Structure):
     mm = self._m(m, jnp.eye(m.shape[1], dtype=m.dtype))
     s, _, _ = self._scale(m)
     p = s * (mm.T @ mm)
-    if self._clips:
+    if self._clips and not self._empty(m):
       phi, _, excess = self._clipping(m)
       p = p - (phi * excess) @ phi.T
     return p
@@ -711,6 +726,8 @@ class LowRank(Structure):
     # UVᵀ to c·UVᵀ with the largest c ∈ [0, 1] meeting the bound: ‖M(c)‖₂² is
     # convex in c with value 1 at c = 0, so such c form an interval [0, c*] and
     # bisection keeps its feasible end. Skipped (c = 1) within the bound.
+    if self._empty(m):
+      return m
     u, v = m[0], m[1]
     bound = _STATE_BOUND_FACTOR * jnp.asarray(max_scale, m.dtype)
     q, y = self._basis(m)
@@ -749,6 +766,8 @@ def _gershgorin_bound(p):
 
 # Low rank keeps its raw M within λ_max(MᵀM) ≤ 2B (LowRank.clip), found by bisection to 2⁻¹⁶.
 _STATE_BOUND_FACTOR = 2.0
+# Eigenvalues within this relative distance above the bound count as at the bound (rounding).
+_KINK_RTOL = 1e-5
 _BISECTION_STEPS = 16
 
 
@@ -776,11 +795,15 @@ def _divided_differences(lam, bound):
   """``L_ij = (f(λ_i) − f(λ_j))/(λ_i − λ_j)`` for ``f = min(·, bound)`` (``f'`` on the diagonal).
 
   ``f'(λ) = 1`` for ``λ ≤ bound`` (so ``P = I`` at ``bound = 1`` is unclipped), else 0.
+  The kink is placed at ``bound·(1 + _KINK_RTOL)``: eigenvalues that sit at the bound
+  up to rounding (where the projection or the clip put them) count as unclipped, so
+  the hypergradient does not jump between 0 and 1 with the last bits of an eigensolver.
   """
+  kink = bound * (1 + _KINK_RTOL)
   li, lj = lam[:, None], lam[None, :]
-  num = jnp.minimum(li, bound) - jnp.minimum(lj, bound)
+  num = jnp.minimum(li, kink) - jnp.minimum(lj, kink)
   den = li - lj
-  slope = (jnp.maximum(li, lj) <= bound).astype(lam.dtype)
+  slope = (jnp.maximum(li, lj) <= kink).astype(lam.dtype)
   return jnp.where(den != 0, num / jnp.where(den != 0, den, 1.0), slope)
 
 

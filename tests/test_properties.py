@@ -55,8 +55,9 @@ def test_updates_keep_shapes_dtypes_and_p_stays_symmetric_psd(case):
   tx = fop_optax.fop(0.1, hyper_learning_rate=0.05, structures=structures, normalize=normalize,
                      rank=2)
   state = tx.init(params)
+  update = jax.jit(tx.update)   # one compilation per example, not one per eager op
   for g in grads:
-    updates, state = tx.update(g, state, params)
+    updates, state = update(g, state, params)
     for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
       assert u.shape == p.shape and u.dtype == p.dtype
       assert bool(jnp.all(jnp.isfinite(u.astype(jnp.float32))))
@@ -87,7 +88,7 @@ def test_identity_start_gives_the_base_optimizers_first_step(case, base):
     momentum = 0.9 if base == 'momentum' else 0
     ours = fop_optax.fop(0.1, momentum, **kw)
     ref = optax.sgd(0.1, momentum or None)
-  u_ours, _ = ours.update(grads[0], ours.init(params), params)
+  u_ours, _ = jax.jit(ours.update)(grads[0], ours.init(params), params)
   u_ref, _ = ref.update(grads[0], ref.init(params), params)
   test_utils.assert_trees_all_close(u_ours, u_ref, rtol=1e-2 if base == 'adam' else 1e-5,
                                     atol=1e-6)
