@@ -680,8 +680,9 @@ class LowRank(Structure):
     ct_phi = _contract_cols(gp, _contract_rows(phi, gt, rows), rows)   # Cᵀ Φ
     phi_c_phi = phi.T @ c_phi                                           # Φᵀ C Φ
     a = (1 - _divided_differences(lam, self.max_scale)) * phi_c_phi
-    kink = self.max_scale * (1 + _KINK_RTOL)
-    d = jnp.where(lam > kink, (lam - self.max_scale) / jnp.where(lam > 1, lam - 1, 1.0), 0.0)
+    snapped = _snap(lam, self.max_scale)
+    d = jnp.where(snapped > self.max_scale,
+                  (snapped - self.max_scale) / jnp.where(snapped > 1, snapped - 1, 1.0), 0.0)
     q1 = c_phi - phi @ phi_c_phi
     q2 = ct_phi - phi @ phi_c_phi.T
     f = phi.T @ x
@@ -766,7 +767,7 @@ def _gershgorin_bound(p):
 
 # Low rank keeps its raw M within λ_max(MᵀM) ≤ 2B (LowRank.clip), found by bisection to 2⁻¹⁶.
 _STATE_BOUND_FACTOR = 2.0
-# Eigenvalues within this relative distance above the bound count as at the bound (rounding).
+# Eigenvalues within this relative distance of the bound count as at the bound (rounding).
 _KINK_RTOL = 1e-5
 _BISECTION_STEPS = 16
 
@@ -791,19 +792,24 @@ def _scale_rows(w, z):
   return w.reshape(-1, *(1,) * (z.ndim - 1)) * z
 
 
+def _snap(lam, bound):
+  """Eigenvalues within ``_KINK_RTOL`` of ``bound`` set to ``bound`` (see ``_divided_differences``)."""
+  return jnp.where(jnp.abs(lam - bound) <= _KINK_RTOL * bound, bound, lam)
+
+
 def _divided_differences(lam, bound):
   """``L_ij = (f(λ_i) − f(λ_j))/(λ_i − λ_j)`` for ``f = min(·, bound)`` (``f'`` on the diagonal).
 
   ``f'(λ) = 1`` for ``λ ≤ bound`` (so ``P = I`` at ``bound = 1`` is unclipped), else 0.
-  The kink is placed at ``bound·(1 + _KINK_RTOL)``: eigenvalues that sit at the bound
-  up to rounding (where the projection or the clip put them) count as unclipped, so
-  the hypergradient does not jump between 0 and 1 with the last bits of an eigensolver.
+  Eigenvalues within ``_KINK_RTOL`` (relative) of the bound are snapped onto it first:
+  they sit there up to rounding (where the projection or the clip put them) and count as
+  unclipped, so the hypergradient does not jump with the last bits of an eigensolver.
   """
-  kink = bound * (1 + _KINK_RTOL)
+  lam = _snap(lam, bound)
   li, lj = lam[:, None], lam[None, :]
-  num = jnp.minimum(li, kink) - jnp.minimum(lj, kink)
+  num = jnp.minimum(li, bound) - jnp.minimum(lj, bound)
   den = li - lj
-  slope = (jnp.maximum(li, lj) <= kink).astype(lam.dtype)
+  slope = (jnp.maximum(li, lj) <= bound).astype(lam.dtype)
   return jnp.where(den != 0, num / jnp.where(den != 0, den, 1.0), slope)
 
 
