@@ -334,7 +334,9 @@ def train_gymnax(env_name: str, optimizer: str, lr: float, seeds: int, updates: 
   cfg = cfg or ENV_CONFIGS[env_name]
   init, run = make_gymnax_trainer(env_name, make_tx(optimizer, lr, cfg), cfg)
   keys = jax.random.split(jax.random.key(seed0), seeds)
-  runner = jax.jit(jax.vmap(init))(keys)
+  # lax.map, not vmap: the orthogonal init's QR, batched over seeds, can deadlock
+  # XLA:CPU's thread pool (see docs/troubleshooting.md); init runs once, so a loop costs nothing.
+  runner = jax.jit(lambda keys: jax.lax.map(init, keys))(keys)
   run_chunk = jax.jit(jax.vmap(run, in_axes=(0, None)), static_argnums=1)
   chunks, start = [], time.perf_counter()
   bar = tqdm(total=updates, desc=f'{env_name} {optimizer} lr={lr:g}', disable=not progress)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fop_optax import _linalg
 from fop_optax import structures as structures_lib
 from fop_optax.transform import FopState
 
@@ -62,7 +63,7 @@ def spectra(opt_state, params, structures=None, **rule_kwargs) -> Any:
     mat = s.matrix(m, tuple(p.shape))
     if mat.ndim == 2 and mat.shape[0] == mat.shape[1] and not isinstance(
         s, (structures_lib.Diagonal, structures_lib.Scalar)):
-      values = jnp.linalg.eigvalsh(mat)
+      values = _linalg.eigvalsh(mat)
     else:
       values = jnp.ravel(mat)
     return jnp.sort(values)[::-1]

@@ -44,7 +44,9 @@ bounds the *largest* eigenvalue of every ``P`` that is applied, so no direction'
 step is ever more than ``B`` times the base optimiser's. ``full``/``spatial`` and
 ``low_rank`` clip ``P``'s eigenvalues at ``B`` where ``P`` is applied,
 ``P̃ = Q min(Λ, B) Qᵀ`` (exactly: the (a×a) eigenvalues, skipped when a
-Gershgorin bound already proves ``λ_max ≤ B``; for ``low_rank`` the (2r×2r)
+Cholesky factorisation of ``B(1 + 10⁻⁵)·I − P`` proves ``λ_max ≤ B`` up to
+rounding, as it does after the projection of each hyper step, so a step costs
+one eigensolver per matrix at most; for ``low_rank`` the (2r×2r)
 eigenvalues of ``P`` on ``span(U, V)``, where ``P = I`` on the complement), and
 their hypergradient is that of ``P̃`` (divided differences of ``min(·, B)``,
 Daleckii–Krein), so a clipped direction receives no push to grow further while
@@ -122,6 +124,8 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+
+from fop_optax import _linalg
 
 __all__ = [
     'Structure', 'NoPreconditioner', 'Scalar', 'Diagonal', 'Full', 'Spatial',
@@ -415,7 +419,7 @@ class Full(Structure):
     if m.shape[0] == 0:   # a zero-size leaf: nothing to normalise or clip
       return p
     if self.normalize:
-      return p / jnp.linalg.eigvalsh(p)[-1]
+      return p / _linalg.eigvalsh(p)[-1]
     if self.max_scale is None:
       return p
     return _spectral_clip(p, self.max_scale)
@@ -452,7 +456,7 @@ class Full(Structure):
   def max_eigenvalue(self, m):
     if m.shape[0] == 0:
       return jnp.ones((), m.dtype)
-    return jnp.linalg.eigvalsh(self._p(m))[-1]
+    return _linalg.eigvalsh(self._p(m))[-1]
 
   def top_eigen(self, m):
     if m.shape[0] == 0:
@@ -479,12 +483,12 @@ class Full(Structure):
     bound = jnp.asarray(max_scale, p.dtype)
 
     def project(p):
-      lam, q = jnp.linalg.eigh(p)
+      lam, q = _linalg.eigh(p)
       if self.normalize:
         return jnp.eye(p.shape[0], dtype=p.dtype) * jnp.sqrt(bound / lam[-1])
       return (q * jnp.sqrt(jnp.minimum(1.0, bound / jnp.maximum(lam, bound)))) @ q.T
 
-    return m @ jax.lax.cond(_gershgorin_bound(p) > bound, project,
+    return m @ jax.lax.cond(_exceeds(p, bound), project,
                             lambda p: jnp.eye(p.shape[0], dtype=p.dtype), p).astype(m.dtype)
 
 
@@ -541,7 +545,10 @@ class LowRank(Structure):
   def init(self, shape, dtype, key):
     a = _rows(shape, self.row_axes)
     r = min(self.rank, a)
-    u, _ = jnp.linalg.qr(jax.random.normal(key, (a, r), jnp.float32))
+    # Gram–Schmidt rather than jnp.linalg.qr: under jax.vmap (one optimiser state per
+    # seed) a batched LAPACK QR can deadlock XLA:CPU's thread pool (jax 0.10, 2 cores:
+    # its workers wait in ParallelBatchMap for tasks queued behind themselves).
+    u = _orthonormal_columns(jax.random.normal(key, (a, r), jnp.float32))
     return jnp.stack([u, jnp.zeros_like(u)]).astype(dtype)
 
   @staticmethod
@@ -577,7 +584,7 @@ class LowRank(Structure):
     q, y = self._basis(m)
     mq = q + y
     empty = (jnp.sum(jnp.square(q), axis=0) == 0).astype(m.dtype)
-    lam, w = jnp.linalg.eigh(mq.T @ mq + jnp.diag(empty))
+    lam, w = _linalg.eigh(mq.T @ mq + jnp.diag(empty))
     return lam, q @ w
 
   def _top(self, m):
@@ -601,7 +608,7 @@ class LowRank(Structure):
     return 1.0 / lam, lam, v
 
   def _clipping(self, m):
-    """``(Φ, excess)`` of the guard: ``P̃ = P − Φ diag(excess) Φᵀ``, ``excess = (λ − B)₊``."""
+    """``(Φ, λ, excess)`` of the guard: ``P̃ = P − Φ diag(excess) Φᵀ``, ``excess = (λ − B)₊``."""
     lam, phi = self._eigen(m)
     return phi, lam, jnp.maximum(lam - self.max_scale, 0.0)
 
@@ -650,8 +657,10 @@ class LowRank(Structure):
     sx = _contract_cols(gt, xgp, rows) + _contract_cols(gp, _contract_rows(x, gt, rows), rows)
     r = u.shape[1]
     if self._clips and not self._empty(m):
-      sx = jax.lax.cond(jnp.any(self._clipping(m)[2] > 0),
-                        lambda sx: sx - self._clip_correction(m, gt, gp, x), lambda sx: sx, sx)
+      clipping = self._clipping(m)   # one basis and eigensolver, shared with the correction
+      sx = jax.lax.cond(jnp.any(clipping[2] > 0),
+                        lambda sx: sx - self._clip_correction(clipping, gt, gp, x),
+                        lambda sx: sx, sx)
     du, dv = self._m(m, sx[:, :r]), sx[:, r:]
     s, lam, top = self._scale(m)
     if self.normalize:
@@ -664,7 +673,7 @@ class LowRank(Structure):
       dv = dv - (2 * cp / lam) * jnp.outer(top, mv @ u)
     return -learning_rate * s * jnp.stack([du, dv])
 
-  def _clip_correction(self, m, gt, gp, x):
+  def _clip_correction(self, clipping, gt, gp, x):
     """``(Δ + Δᵀ) X``: the guard's change to ``S X`` (see ``hypergradient``).
 
     With the clip ``P̃ = f(P)``, ``f = min(·, B)``, ``∂⟨C, f(P)⟩/∂P = Z = C − Δ``
@@ -675,7 +684,7 @@ class LowRank(Structure):
     ``Q₁ = (I − ΦΦᵀ) C Φ`` and ``Q₂ = (I − ΦΦᵀ) Cᵀ Φ``. ``S X`` becomes ``S X − (Δ + Δᵀ) X``.
     """
     rows = self.row_axes
-    phi, lam, excess = self._clipping(m)
+    phi, lam, _ = clipping   # self._clipping(m)
     c_phi = _contract_cols(gt, _contract_rows(phi, gp, rows), rows)    # C Φ
     ct_phi = _contract_cols(gp, _contract_rows(phi, gt, rows), rows)   # Cᵀ Φ
     phi_c_phi = phi.T @ c_phi                                           # Φᵀ C Φ
@@ -737,7 +746,7 @@ class LowRank(Structure):
     eye = jnp.diag((jnp.sum(jnp.square(q), axis=0) == 0).astype(m.dtype)) + q.T @ q
 
     def lam(c):
-      return jnp.linalg.eigvalsh(eye + c * (qy + qy.T) + c * c * yy)[-1]
+      return _linalg.eigvalsh(eye + c * (qy + qy.T) + c * c * yy)[-1]
 
     def shrink(_):
       def body(_, lo_hi):
@@ -756,13 +765,24 @@ class LowRank(Structure):
 
 def _top_eigenpair(p):
   """``(λ_max, v)`` of a symmetric ``p``: its largest eigenvalue and a unit eigenvector."""
-  w, z = jnp.linalg.eigh(p)
+  w, z = _linalg.eigh(p)
   return w[-1], z[:, -1]
 
 
-def _gershgorin_bound(p):
-  """``max_i Σ_j |p_ij|``, an upper bound on every eigenvalue of a symmetric ``p`` (cheap)."""
-  return jnp.max(jnp.sum(jnp.abs(p), axis=1))
+def _exceeds(p, bound):
+  """Whether the symmetric ``p`` may have an eigenvalue above ``bound·(1 + _KINK_RTOL)``.
+
+  ``False`` is a certificate, at the cost of one Cholesky factorisation (a third of
+  a matrix product, far less than an eigensolver): ``bound·(1 + _KINK_RTOL)·I − p`` is
+  positive definite exactly when every eigenvalue of ``p`` is below that level, and
+  its factorisation then succeeds (JAX returns NaNs where it fails). Eigenvalues
+  within ``_KINK_RTOL`` of the bound count as at the bound, as in ``_snap``, so a
+  ``P`` that the projection (``Full.clip``) left at the bound, up to rounding, is
+  applied, and differentiated, without an eigensolver.
+  """
+  level = jnp.asarray(bound, p.dtype) * (1 + _KINK_RTOL)
+  factor = _linalg.cholesky(level * jnp.eye(p.shape[0], dtype=p.dtype) - p)
+  return ~jnp.all(jnp.isfinite(factor))
 
 
 # Low rank keeps its raw M within λ_max(MᵀM) ≤ 2B (LowRank.clip), found by bisection to 2⁻¹⁶.
@@ -777,6 +797,8 @@ def _orthonormal_columns(b):
 
   A column whose remainder is exactly zero is left zero.
   """
+  if b.size == 0:
+    return b
   def column(j, q):
     x = jax.lax.dynamic_index_in_dim(b, j, axis=1, keepdims=False)
     x = x - q @ (q.T @ x)
@@ -814,20 +836,20 @@ def _divided_differences(lam, bound):
 
 
 def _spectral_clip(p, bound):
-  """``Q min(Λ, bound) Qᵀ`` for ``p = QΛQᵀ``; ``p`` itself when Gershgorin proves ``λ_max ≤ bound``."""
+  """``Q min(Λ, bound) Qᵀ`` for ``p = QΛQᵀ``; ``p`` itself when ``λ_max ≤ bound`` (``_exceeds``)."""
   def clip(p):
-    lam, q = jnp.linalg.eigh(p)
+    lam, q = _linalg.eigh(p)
     return (q * jnp.minimum(lam, bound)) @ q.T
-  return jax.lax.cond(_gershgorin_bound(p) > bound, clip, lambda p: p, p)
+  return jax.lax.cond(_exceeds(p, bound), clip, lambda p: p, p)
 
 
 def _clipped_derivative(p, c, bound):
   """``∂⟨C, f(P)⟩/∂P = Q (L ∘ QᵀCQ) Qᵀ`` for ``f = min(·, bound)``; ``C`` when nothing is clipped."""
   def clipped(pc):
     p, c = pc
-    lam, q = jnp.linalg.eigh(p)
+    lam, q = _linalg.eigh(p)
     return q @ (_divided_differences(lam, bound) * (q.T @ c @ q)) @ q.T
-  return jax.lax.cond(_gershgorin_bound(p) > bound, clipped, lambda pc: pc[1], (p, c))
+  return jax.lax.cond(_exceeds(p, bound), clipped, lambda pc: pc[1], (p, c))
 
 
 _BY_NAME: dict[str, Callable[[], Structure]] = {

@@ -1,0 +1,65 @@
+"""Symmetric eigensolvers and Cholesky that never run as batched LAPACK calls on XLA:CPU.
+
+Under ``jax.vmap`` (one optimiser state per seed or ensemble member) JAX turns
+``jnp.linalg.eigh`` into one batched LAPACK call, which on XLA:CPU splits its
+batch over the intra-op thread pool (``ParallelBatchMap``) and blocks until the
+pieces are done. When every worker of that pool is itself running such a call,
+nobody is left to run the pieces and the program deadlocks: seen with jax 0.10.2
+on 2 cores, where a vmapped PPO run with FOP's guard hung for good (native stacks:
+both ``tf_XLAEigen`` workers in ``lapack_ssyevd_ffi`` → ``ParallelBatchMap`` →
+``BlockingCounter::Wait``; ``--xla_cpu_multi_thread_eigen=false`` does not help).
+
+The functions here batch by a loop instead (``jax.lax.map``: one unbatched
+LAPACK call per member, which runs inline) on CPU, and as usual on other
+platforms, whose batched solvers are fast and safe. FOP's matrices are small
+(at most ``max_full_dim``² or (2r)²), so the loop costs little. Derivatives are
+JAX's own (``custom_jvp`` with the unwrapped function's JVP).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ['eigh', 'eigvalsh', 'cholesky']
+
+
+def _looped_under_vmap(fn: Callable) -> Callable:
+  """``fn`` (array arguments) whose ``vmap`` is a ``lax.map`` loop on CPU."""
+
+  @jax.custom_batching.custom_vmap
+  def looped(*args):
+    return fn(*args)
+
+  @looped.def_vmap
+  def _rule(axis_size, in_batched, *args):
+    args = tuple(a if batched else jnp.broadcast_to(a, (axis_size,) + jnp.shape(a))
+                 for a, batched in zip(args, in_batched))
+    out = jax.lax.platform_dependent(
+        *args,
+        cpu=lambda *xs: jax.lax.map(lambda x: looped(*x), xs),   # nested vmaps loop too
+        default=jax.vmap(fn))
+    return out, jax.tree.map(lambda _: True, out)
+
+  @jax.custom_jvp
+  @functools.wraps(fn)
+  def wrapped(*args):
+    return looped(*args)
+
+  @wrapped.defjvp
+  def _jvp(primals, tangents):
+    return jax.jvp(fn, primals, tangents)
+
+  return wrapped
+
+
+eigh = _looped_under_vmap(lambda p: tuple(jnp.linalg.eigh(p)))
+eigh.__doc__ = '``(λ, Q)`` of a symmetric matrix (``jnp.linalg.eigh``), looped under ``vmap`` on CPU.'
+eigvalsh = _looped_under_vmap(lambda p: jnp.linalg.eigvalsh(p))
+eigvalsh.__doc__ = 'Eigenvalues of a symmetric matrix, ascending, looped under ``vmap`` on CPU.'
+cholesky = _looped_under_vmap(lambda p: jnp.linalg.cholesky(p))
+cholesky.__doc__ = ('Lower Cholesky factor (NaNs where ``p`` is not positive definite), '
+                    'looped under ``vmap`` on CPU.')
