@@ -4,7 +4,8 @@ For each parameter set (the leaves of overhead.py's models) it jit-compiles
 hypergradient + a hyper step + ``P·G`` with both versions of
 ``fop_optax/structures.py``, checks they agree, and times them interleaved.
 
-Run: ``python benchmarks/structures_ab.py --rev af1fe64~1`` (the revision before the einsum rewrite).
+Run: ``python benchmarks/structures_ab.py --rev af1fe64~1`` (the revision before the einsum rewrite);
+``--rev 6d89c1c --max-scale 1`` times the guard before its Cholesky certificate.
 """
 
 from __future__ import annotations
@@ -48,9 +49,16 @@ def load_revision(rev):
   return module
 
 
-def make(lib, shapes, key):
+def make(lib, shapes, key, max_scale=None):
+  """One jitted FOP step on these leaves: hypergradient, hyper step, guard (``clip``), ``P·G``.
+
+  The starting ``M``s come from this checkout's ``init`` for both sides, so that the two
+  versions see the same inputs even where their initialisation differs.
+  """
   structs = [lib.default_structure(s) for s in shapes]
-  ms = [st.init(s, jnp.float32, key) for st, s in zip(structs, shapes)]
+  if max_scale is not None:
+    structs = [st.with_bound(max_scale) for st in structs]
+  ms = [after_lib.default_structure(s).init(s, jnp.float32, key) for s in shapes]
   ms = [m.at[1].set(0.01) if st.name == 'low_rank' else m for st, m in zip(structs, ms)]
   gs = [jax.random.normal(jax.random.fold_in(key, i), s) for i, s in enumerate(shapes)]
   gps = [jax.random.normal(jax.random.fold_in(key, 100 + i), s) for i, s in enumerate(shapes)]
@@ -59,6 +67,8 @@ def make(lib, shapes, key):
   def f(ms, gs, gps):
     hs = [st.hypergradient(m, g, gp, 0.05) for st, m, g, gp in zip(structs, ms, gs, gps)]
     ms = [m - 1e-4 * h for m, h in zip(ms, hs)]
+    if max_scale is not None:
+      ms = [st.clip(m, max_scale) for st, m in zip(structs, ms)]
     return [st.precondition(m, g) for st, m, g in zip(structs, ms, gs)], ms
 
   return f, (ms, gs, gps)
@@ -68,13 +78,15 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--rev', default='af1fe64~1')
   parser.add_argument('--reps', type=int, default=15)
+  parser.add_argument('--max-scale', type=float, default=None,
+                      help="the guard's bound B (default: none, the unguarded maths)")
   parser.add_argument('--out', default=os.path.join('results', 'structures_ab.json'))
   args = parser.parse_args(argv)
   libs = {'before': load_revision(args.rev), 'after': after_lib}
   key, fns, rows = jax.random.key(0), {}, []
   for case, shapes in CASES.items():
     for side, lib in libs.items():
-      fns[case, side] = make(lib, shapes, key)
+      fns[case, side] = make(lib, shapes, key, args.max_scale)
     outs = [jax.block_until_ready(f(*a)) for f, a in (fns[case, 'before'], fns[case, 'after'])]
     diff = max(float(jnp.max(jnp.abs(x - y)))
                for x, y in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])))
@@ -99,7 +111,7 @@ def main(argv=None):
           f"max |diff| {row['max_abs_diff']:.1e}")
   os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
   with open(args.out, 'w') as f:
-    json.dump(dict(rev=args.rev, rows=rows), f, indent=1)
+    json.dump(dict(rev=args.rev, max_scale=args.max_scale, rows=rows), f, indent=1)
   return rows
 
 

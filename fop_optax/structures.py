@@ -562,10 +562,12 @@ class LowRank(Structure):
     ``span(U, V)`` is invariant under ``P = MᵀM`` and ``P = I`` on its
     complement, so ``P``'s eigenpairs other than 1 are those of
     ``(MQ)ᵀ(MQ) = (Q + Y)ᵀ(Q + Y)`` (2r×2r), with eigenvectors ``Q·y``. ``Q``
-    comes from a Householder QR of ``[U, V]`` with unit-norm columns (``M`` only
-    depends on ``UVᵀ``, so ``U`` and ``V`` can differ in scale by orders of
-    magnitude): orthonormal to rounding even where ``U`` or ``V`` is nearly
-    rank-deficient, which a Gram-matrix basis is not.
+    comes from Gram–Schmidt with re-orthogonalisation (CGS2) of ``[U, V]`` with
+    unit-norm columns (``M`` only depends on ``UVᵀ``, so ``U`` and ``V`` can differ
+    in scale by orders of magnitude): orthonormal to rounding even where ``U`` or
+    ``V`` is nearly rank-deficient, which a Gram-matrix basis is not. (XLA:CPU's
+    QR of a 784×16 matrix took 50–120 ms, and batched under ``vmap`` it can
+    deadlock; see ``_linalg``.)
     """
     u, v = m[0], m[1]
     if 2 * u.shape[1] >= u.shape[0]:   # span(U, V) may be everything: take Q = I
