@@ -686,7 +686,7 @@ class LowRank(Structure):
     ``Q₁ = (I − ΦΦᵀ) C Φ`` and ``Q₂ = (I − ΦΦᵀ) Cᵀ Φ``. ``S X`` becomes ``S X − (Δ + Δᵀ) X``.
     """
     rows = self.row_axes
-    phi, lam, _ = clipping   # self._clipping(m)
+    phi, lam, _ = clipping
     c_phi = _contract_cols(gt, _contract_rows(phi, gp, rows), rows)    # C Φ
     ct_phi = _contract_cols(gp, _contract_rows(phi, gt, rows), rows)   # Cᵀ Φ
     phi_c_phi = phi.T @ c_phi                                           # Φᵀ C Φ

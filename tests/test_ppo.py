@@ -64,7 +64,7 @@ def test_ppo_with_fop_beats_random_policy():
   assert trained > 3 * random_return, (trained, random_return)
 
   # The preconditioners did learn: P is no longer the identity it starts as.
-  start = fop_optax.diagnostics.find_fop_state(jax.lax.map(tx.init, runner.params))
+  start = fop_optax.diagnostics.find_fop_state(jax.vmap(tx.init)(runner.params))
   end = fop_optax.diagnostics.find_fop_state(runner.opt_state)
   moved = [float(jnp.abs(a - b).max())
            for a, b in zip(jax.tree.leaves(start.preconditioners),
