@@ -278,3 +278,23 @@ def test_span_basis_is_orthonormal_with_dependent_columns():
     b = np.asarray(b, np.float64)
     residual = b - q @ (q.T @ b)
     assert np.abs(residual).max() < 1e-3 * np.abs(b).max()
+
+
+def test_low_rank_guard_matches_a_dense_oracle_with_dependent_columns():
+  """float32 P̃·G with V of eight equal columns (rank one) equals the float64 dense clip of MᵀM.
+
+  Before the span basis dropped dependent columns this case was off by 4.06 (784×1024 leaf).
+  """
+  with jax.enable_x64(False):
+    shape = (120, 40)
+    st = S.LowRank(rank=8, max_scale=1.0)
+    key = jax.random.key(0)
+    m = st.init(shape, jnp.float32, key).at[1].set(0.05)
+    g = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.float32)
+    u, v = np.asarray(m[0], np.float64), np.asarray(m[1], np.float64)
+    mm = np.eye(shape[0]) + u @ v.T
+    lam, q = np.linalg.eigh(mm.T @ mm)
+    assert lam[-1] > 1.5 and lam[0] < 0.999   # some eigenvalues clipped, some below 1
+    expected = (q * np.minimum(lam, 1.0)) @ q.T @ np.asarray(g, np.float64)
+    np.testing.assert_allclose(np.asarray(st.precondition(m, g), np.float64), expected,
+                               atol=2e-5 * np.abs(expected).max())
