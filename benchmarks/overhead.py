@@ -19,9 +19,24 @@ Models (plain JAX, Flax parameter layouts):
 * ``transformer``: one pre-norm block, width 512, 8 heads, MLP 2048, on
   sequences of 64 tokens; all dense kernels are low-rank.
 
-"update" rows time the optimiser update alone (``tx.update`` +
+* ``dense64`` … ``dense4096``: one dense layer ``(a, 256)``, batch 128, and
+  ``mlp256``: 784-256-256-10, batch 128 (the sweep of issue 12). Here the
+  aliases run at their defaults, as a user calls them: ``fop_optax.fop(η)`` ÷
+  ``optax.sgd(η, momentum=0.9)`` and ``fop_optax.fop_adam(1e-3)`` ÷
+  ``optax.adam(1e-3)`` (guard and non-finite skip included).
+
+"update" columns time the optimiser update alone (``tx.update`` +
 ``apply_updates`` on a fixed gradient tree, no model). "state/params" is the
 bytes of the optimiser state divided by the bytes of the parameters.
+"passes" counts the reads and writes of the largest leaf by the compiled
+update's top-level ops (:func:`hlo_passes`; the exact per-leaf count for the
+one-leaf ``dense`` cases; momentum: 5); "bytes/params" is XLA's ``bytes
+accessed`` of the update divided by the parameters' bytes and "flops/param" its
+flops per parameter (both from ``cost_analysis()``, where a ``lax.cond`` counts
+both branches). "floor" is the step ratio FOP's arithmetic
+allows on a compute-bound machine: ``1 + F_fop / F_step``, ``F_step`` the
+momentum train step's flops (``cost_analysis``) and ``F_fop`` the flops
+:func:`fop_floor_flops` derives (docs/benchmarks.md, "The floor").
 
 Run: ``python benchmarks/overhead.py`` (about 3–5 minutes on 2 CPU cores).
 """
@@ -34,6 +49,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -107,6 +123,17 @@ def mlp(sizes=(784, 1024, 1024, 10)):
   return init, apply, lambda key, b: jax.random.uniform(key, (b, sizes[0]))
 
 
+def dense(n_in, n_out=256):
+  """One dense layer ``(n_in, n_out)`` with a softmax over ``n_out`` classes: the width sweep."""
+  def init(key):
+    return {'dense0': _dense(key, n_in, n_out)}
+
+  def apply(params, x):
+    return x @ params['dense0']['kernel'] + params['dense0']['bias']
+
+  return init, apply, lambda key, b: jax.random.uniform(key, (b, n_in))
+
+
 def transformer(d=512, heads=8, hidden=2048, seq=64):
   def init(key):
     k = jax.random.split(key, 6)
@@ -146,12 +173,28 @@ def fop_chain(**kwargs):
   return optax.chain(fop_optax.scale_by_fop(LR, **kwargs), optax.sgd(LR, momentum=0.9))
 
 
+ADAM_LR = 1e-3
+
+
 @dataclasses.dataclass
 class Case:
   name: str
   model: tuple
   batch: int
   fops: dict[str, Callable[[], optax.GradientTransformation]]
+  # Extra base optimisers and, per FOP variant, the base it is divided by (default momentum).
+  bases: dict[str, Callable[[], optax.GradientTransformation]] = dataclasses.field(default_factory=dict)
+  base_of: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _defaults(model, name, batch):
+  """The aliases as a user calls them (defaults: guard, non-finite skip), each beside its base."""
+  return Case(name, model, batch,
+              {'fop': lambda: fop_optax.fop(LR), 'fop_adam': lambda: fop_optax.fop_adam(ADAM_LR)},
+              bases={'adam': lambda: optax.adam(ADAM_LR)}, base_of={'fop_adam': 'adam'})
+
+
+DENSE_WIDTHS = (64, 256, 1024, 4096)
 
 
 def cases(args) -> list[Case]:
@@ -160,6 +203,13 @@ def cases(args) -> list[Case]:
       Case('mlp', mlp(), 128, {'fop (low-rank)': fop_chain,
                                'fop (full)': lambda: fop_chain(structures=_full_for_matrices)}),
       Case('transformer', transformer(seq=args.seq), args.tf_batch, {'fop (low-rank)': fop_chain}),
+      # Issue 12's sweep: the aliases at their defaults, batch 128.
+      *[_defaults(dense(a), f'dense{a}', 128) for a in DENSE_WIDTHS],
+      _defaults(mlp((784, 256, 256, 10)), 'mlp256', 128),
+      # Cheaper settings for the MLP (not in the default run): rank and update_every.
+      Case('mlp256_settings', mlp((784, 256, 256, 10)), 128, {
+          f'fop r={r} k={k}': (lambda r=r, k=k: fop_optax.fop(LR, rank=r, update_every=k))
+          for r, k in ((8, 1), (4, 1), (8, 4), (4, 4), (4, 8), (2, 8))}),
   ]
 
 
@@ -201,6 +251,87 @@ def _interleaved(runners: dict[str, Callable[[], None]], reps: int, inner: int) 
   return times
 
 
+def _cost_of(compiled) -> dict[str, float]:
+  """XLA's cost analysis of a compiled function: flops and bytes accessed."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {'flops': float(cost.get('flops', 0.0)), 'bytes': float(cost.get('bytes accessed', 0.0))}
+
+
+_NO_TRAFFIC = ('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 'conditional',
+               'while', 'call', 'after-all', 'partition-id', 'replica-id')
+
+
+def hlo_passes(hlo_text: str, size: int) -> float:
+  """Reads plus writes of ``size``-element arrays by the compiled program's top-level ops.
+
+  Each instruction of the entry computation, and of the computations that its
+  ``conditional``/``while`` ops run, counts one per operand and one for its result
+  that has exactly ``size`` elements (a fusion counts as one instruction: its
+  internals stay in registers). Of a conditional's branches the costliest counts
+  (FOP's learning branch); a while body counts once. Ops that only pass buffers on
+  (parameters, tuples, bitcasts, the control-flow ops themselves) count nothing.
+  """
+  comps, order, shapes, current = {}, [], {}, None
+  for line in hlo_text.splitlines():
+    head = re.match(r'^(ENTRY )?%([\w.\-]+) .*\{\s*$', line)
+    if head:
+      current = head.group(2)
+      comps[current] = []
+      order.append((current, bool(head.group(1))))
+      continue
+    inst = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([\w\-]+)\((.*)', line)
+    if inst and current is not None:
+      n = math.prod(int(d) for d in inst.group(3).split(',') if d)
+      shapes[inst.group(1)] = n
+      comps[current].append((inst.group(4), n, inst.group(5)))
+  called = {}
+  for name, insts in comps.items():
+    for op, _, rest in insts:
+      if op == 'conditional':
+        called.setdefault(name, []).append(
+            ('branches', re.findall(r'%([\w.\-]+)', rest.split('branch_computations=')[1].split('}')[0])
+             if 'branch_computations=' in rest else
+             re.findall(r'(?:true|false)_computation=%([\w.\-]+)', rest)))
+      elif op == 'while':
+        called.setdefault(name, []).append(('body', re.findall(r'body=%([\w.\-]+)', rest)))
+
+  def cost(name):
+    total = 0
+    for op, n, rest in comps[name]:
+      if op in _NO_TRAFFIC:
+        continue
+      operands = re.findall(r'%([\w.\-]+)', rest.split('), ')[0])
+      total += (n == size) + sum(shapes.get(o) == size for o in operands)
+    for kind, subs in called.get(name, []):
+      subs = [c for c in subs if c in comps]
+      if subs:
+        total += max(cost(c) for c in subs) if kind == 'branches' else sum(cost(c) for c in subs)
+    return total
+
+  entry = next(name for name, is_entry in order if is_entry)
+  return float(cost(entry))
+
+
+def fop_floor_flops(params, **rule) -> float:
+  """The flops FOP's maths needs per step at the default rule (docs/benchmarks.md, "The floor").
+
+  Per leaf viewed as (a, b): ``full``/``spatial`` 4·a²·b (``P·G`` and ``G_t G_pᵀ``);
+  ``low_rank`` 22·a·b·r (preconditioning 8·a·b·r, hypergradient 16·a·b·r, less the
+  2·a·b·r of ``G_{t−1}ᵀV`` that the previous step formed); nothing for the others.
+  """
+  total = 0.0
+  structs = jax.tree.leaves(fop_optax.resolve_structures(params, **rule))
+  for st, p in zip(structs, jax.tree.leaves(params)):
+    if isinstance(st, fop_optax.structures.LowRank):
+      a = math.prod(p.shape[:st.row_axes])
+      total += 22 * p.size * min(st.rank, a)
+    elif isinstance(st, fop_optax.structures.Full):
+      a = math.prod(p.shape[:st._row_axes(p.shape)])
+      total += 4 * a * p.size
+  return total
+
+
 def bench_case(case: Case, args) -> list[dict[str, Any]]:
   init, apply, make_x = case.model
   key = jax.random.key(0)
@@ -209,15 +340,20 @@ def bench_case(case: Case, args) -> list[dict[str, Any]]:
   y = jax.random.randint(jax.random.fold_in(key, 2), (case.batch,), 0, 10)
   grads = jax.tree.map(lambda p: 1e-3 * jax.random.normal(jax.random.fold_in(key, 3), p.shape), params0)
   txs = {'momentum': momentum}
+  txs.update(case.bases)
   txs.update(case.fops)
 
-  step_runners, update_runners, memory = {}, {}, {}
+  step_runners, update_runners, memory, costs = {}, {}, {}, {}
   for name, make_tx in txs.items():
     tx = make_tx()
     for kind, runners in (('step', step_runners), ('update', update_runners)):
       fn = _make_step(apply, tx) if kind == 'step' else _make_update(tx)
       box = [jax.tree.map(jnp.copy, params0), tx.init(params0)]
       memory[name] = _nbytes(box[1]) / _nbytes(params0)
+      compiled = fn.lower(box[0], box[1], *((x, y) if kind == 'step' else (grads,))).compile()
+      costs[name, kind] = _cost_of(compiled)
+      biggest = max(p.size for p in jax.tree.leaves(params0))
+      costs[name, kind]['passes'] = hlo_passes(compiled.as_text(), biggest)
 
       def run(fn=fn, box=box, kind=kind):
         out = fn(box[0], box[1], x, y) if kind == 'step' else fn(box[0], box[1], grads)
@@ -232,13 +368,19 @@ def bench_case(case: Case, args) -> list[dict[str, Any]]:
   update_t = _interleaved(update_runners, args.reps, args.inner * 4)
 
   rows = []
-  base_s, base_u = step_t['momentum'], update_t['momentum']
+  param_bytes = _nbytes(params0)
+  base_flops = costs['momentum', 'step']['flops']
   for name in txs:
+    base = None if name in case.bases or name == 'momentum' else case.base_of.get(name, 'momentum')
+    ref = base or name
     s, u = step_t[name], update_t[name]
-    step_ratio = [a / b for a, b in zip(s, base_s)]
-    update_ratio = [a / b for a, b in zip(u, base_u)]
+    step_ratio = [a / b for a, b in zip(s, step_t[ref])]
+    update_ratio = [a / b for a, b in zip(u, update_t[ref])]
+    floor = None
+    if base is not None and name.startswith('fop') and '(full)' not in name and 'r=' not in name:
+      floor = 1 + fop_floor_flops(params0) / base_flops
     rows.append(dict(
-        model=case.name, optimizer=name, batch=case.batch,
+        model=case.name, optimizer=name, base=base, batch=case.batch,
         params=sum(p.size for p in jax.tree.leaves(params0)),
         step_ms=1e3 * statistics.median(s), step_ms_min=1e3 * min(s), step_ms_max=1e3 * max(s),
         step_ratio=statistics.median(step_ratio), step_ratio_min=min(step_ratio),
@@ -246,33 +388,44 @@ def bench_case(case: Case, args) -> list[dict[str, Any]]:
         update_ms=1e3 * statistics.median(u),
         update_ratio=statistics.median(update_ratio), update_ratio_min=min(update_ratio),
         update_ratio_max=max(update_ratio),
-        state_over_params=memory[name]))
+        state_over_params=memory[name],
+        # Passes: bytes the compiled update (tx.update + apply_updates) reads and
+        # writes, in units of the parameters' bytes; flops per parameter.
+        update_bytes_over_params=costs[name, 'update']['bytes'] / param_bytes,
+        # Reads + writes of the largest leaf by the update's top-level ops (hlo_passes).
+        update_passes=costs[name, 'update']['passes'],
+        update_flops_per_param=costs[name, 'update']['flops'] / rows_params(params0),
+        step_flops=costs[name, 'step']['flops'], floor=floor))
   return rows
 
 
-TARGETS = {'cnn': 1.05, 'mlp': 1.15, 'transformer': 1.15}
+def rows_params(params) -> int:
+  return sum(p.size for p in jax.tree.leaves(params))
 
 
 def format_table(rows) -> str:
   head = (f"{'model':<12}{'optimizer':<16}{'step ms':>9}  {'step ratio [min-max]':<22}"
-          f"{'update ms':>10}  {'update ratio [min-max]':<24}{'state/params':>12}  target")
+          f"{'floor':>6}{'update ms':>10}  {'update ratio [min-max]':<24}{'state/params':>12}"
+          f"{'passes':>8}{'bytes/params':>13}{'flops/param':>12}")
   lines = [head, '-' * len(head)]
   for r in rows:
-    base = r['optimizer'] == 'momentum'
-    target = '' if base else TARGETS[r['model']]
-    met = '' if base else ('met' if r['step_ratio'] <= target else 'MISSED')
+    ratio = '' if r['base'] is None else (
+        f"{r['step_ratio']:.3f} [{r['step_ratio_min']:.3f}-{r['step_ratio_max']:.3f}]")
+    uratio = '' if r['base'] is None else (
+        f"{r['update_ratio']:.2f} [{r['update_ratio_min']:.2f}-{r['update_ratio_max']:.2f}]")
+    floor = '' if r['floor'] is None else f"{r['floor']:.2f}"
     lines.append(
-        f"{r['model']:<12}{r['optimizer']:<16}{r['step_ms']:>9.2f}  "
-        f"{r['step_ratio']:.3f} [{r['step_ratio_min']:.3f}-{r['step_ratio_max']:.3f}]".ljust(22 + 39)
-        + f"{r['update_ms']:>10.3f}  "
-        + f"{r['update_ratio']:.2f} [{r['update_ratio_min']:.2f}-{r['update_ratio_max']:.2f}]".ljust(24)
-        + f"{r['state_over_params']:>12.3f}  {'' if base else f'≤{target} {met}'}")
+        f"{r['model']:<12}{r['optimizer']:<16}{r['step_ms']:>9.2f}  {ratio:<22}{floor:>6}"
+        f"{r['update_ms']:>10.3f}  {uratio:<24}{r['state_over_params']:>12.3f}"
+        f"{r['update_passes']:>8.0f}{r['update_bytes_over_params']:>13.1f}"
+        f"{r['update_flops_per_param']:>12.1f}")
   return '\n'.join(lines)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--models', default='cnn,mlp,transformer')
+  parser.add_argument('--models', default='cnn,mlp,transformer,' + ','.join(
+      [f'dense{a}' for a in DENSE_WIDTHS] + ['mlp256']))
   parser.add_argument('--reps', type=int, default=15, help='interleaved repetitions (medians over these)')
   parser.add_argument('--inner', type=int, default=2, help='steps per timing')
   parser.add_argument('--warmup', type=int, default=3)

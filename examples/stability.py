@@ -41,6 +41,9 @@ import fop_optax  # noqa: E402
 ADAM_LR = common.ADAM_LR
 
 
+_INT_OPTIONS = ('rank', 'update_every', 'max_full_dim')
+
+
 def parse_optimizer(spec: str):
   """``'fop:max_scale=2,normalize=1'`` → ``('fop', {'max_scale': 2.0, 'normalize': True})``."""
   name, _, rest = spec.partition(':')
@@ -51,6 +54,8 @@ def parse_optimizer(spec: str):
       kwargs[key] = None
     elif key == 'normalize':
       kwargs[key] = value.lower() in ('1', 'true', 'yes')
+    elif key in _INT_OPTIONS:
+      kwargs[key] = int(value)
     else:
       kwargs[key] = float(value)
   return name, kwargs

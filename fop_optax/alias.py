@@ -34,12 +34,12 @@ def _finish(tx, skip_nonfinite: bool):
 
 
 def _fop_then(base, learning_rate, hyper_learning_rate, hyper_optimizer, structures,
-              normalize, max_full_dim, rank, skip_nonfinite, max_scale, gamma):
+              normalize, max_full_dim, rank, skip_nonfinite, max_scale, gamma, update_every):
   """FOP's preconditioning followed by ``base`` (which applies the learning rate)."""
   fop_tx = transform.scale_by_fop(
       learning_rate, hyper_learning_rate, hyper_optimizer, structures,
       normalize=normalize, max_full_dim=max_full_dim, rank=rank, max_scale=max_scale,
-      gamma=gamma)
+      gamma=gamma, update_every=update_every)
   return _finish(optax.chain(fop_tx, base), skip_nonfinite)
 
 
@@ -57,6 +57,7 @@ def fop(
     skip_nonfinite: bool = True,
     max_scale: Optional[float] = transform.DEFAULT_MAX_SCALE,
     gamma: Optional[tuple[Any, float]] = None,
+    update_every: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum on FOP-preconditioned gradients (the paper's main set-up).
 
@@ -80,13 +81,15 @@ def fop(
       :func:`fop_optax.scale_by_fop`; ``None`` disables it.
     gamma: ``(δ, p_∞)``, Theorem 1's normalisation ``P/(δ(t)‖P‖₂ + (1 − δ(t))p_∞)``,
       see :func:`fop_optax.scale_by_fop`.
+    update_every: learn ``P`` on every ``k``-th step only (the hypergradient's
+      cost paid once in ``k`` steps), see :func:`fop_optax.scale_by_fop`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
   return _fop_then(optax.sgd(learning_rate, _no_zero_momentum(momentum), nesterov),
                    learning_rate, hyper_learning_rate, hyper_optimizer, structures,
-                   normalize, max_full_dim, rank, skip_nonfinite, max_scale, gamma)
+                   normalize, max_full_dim, rank, skip_nonfinite, max_scale, gamma, update_every)
 
 
 def fop_adam(
@@ -104,6 +107,7 @@ def fop_adam(
     skip_nonfinite: bool = True,
     max_scale: Optional[float] = transform.DEFAULT_MAX_SCALE,
     gamma: Optional[tuple[Any, float]] = None,
+    update_every: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam on FOP-preconditioned gradients: ``optax.adam`` fed ``P·g``.
 
@@ -114,14 +118,14 @@ def fop_adam(
     learning_rate: a float or an optax schedule.
     b1, b2, eps: as for ``optax.adam``.
     hyper_learning_rate, hyper_optimizer, structures, normalize, max_full_dim,
-      rank, skip_nonfinite, max_scale, gamma: as for :func:`fop`.
+      rank, skip_nonfinite, max_scale, gamma, update_every: as for :func:`fop`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
   return _fop_then(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
                    learning_rate, hyper_learning_rate, hyper_optimizer, structures,
-                   normalize, max_full_dim, rank, skip_nonfinite, max_scale, gamma)
+                   normalize, max_full_dim, rank, skip_nonfinite, max_scale, gamma, update_every)
 
 
 # Default hyper learning rates per rule: 'additive' keeps Baydin et al.'s

@@ -38,8 +38,17 @@ class SkipNonFiniteState(NamedTuple):
 
 
 def _all_finite(tree) -> jax.Array:
-  leaves = jax.tree.leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+  """Whether every floating-point entry of ``tree`` is finite: one fused reduction per leaf.
+
+  ``Σ (x − x)`` is 0 when every ``x`` is finite and NaN otherwise (``Inf − Inf`` is NaN), and
+  it cannot overflow; XLA reads each leaf once. (``jnp.all(jnp.isfinite(x))`` wrote
+  a boolean copy of each leaf first on XLA:CPU: two passes.) Integer leaves are finite.
+  """
+  sums = [jnp.sum(x - x, dtype=jnp.promote_types(x.dtype, jnp.float32))
+          for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  if not sums:
+    return jnp.array(True)
+  return jnp.isfinite(sum(sums))
 
 
 def _warn(crossing, consecutive, skipped, let_through):

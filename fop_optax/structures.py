@@ -562,12 +562,14 @@ class LowRank(Structure):
     ``span(U, V)`` is invariant under ``P = MᵀM`` and ``P = I`` on its
     complement, so ``P``'s eigenpairs other than 1 are those of
     ``(MQ)ᵀ(MQ) = (Q + Y)ᵀ(Q + Y)`` (2r×2r), with eigenvectors ``Q·y``. ``Q``
-    comes from Gram–Schmidt with re-orthogonalisation (CGS2) of ``[U, V]`` with
-    unit-norm columns (``M`` only depends on ``UVᵀ``, so ``U`` and ``V`` can differ
-    in scale by orders of magnitude): orthonormal to rounding even where ``U`` or
-    ``V`` is nearly rank-deficient, which a Gram-matrix basis is not. (XLA:CPU's
-    QR of a 784×16 matrix took 50–120 ms, and batched under ``vmap`` it can
-    deadlock; see ``_linalg``.)
+    comes from :func:`_orthonormal_columns` of ``[U, V]`` with unit-norm columns
+    (``M`` only depends on ``UVᵀ``, so ``U`` and ``V`` can differ in scale by orders
+    of magnitude): orthonormal to rounding also where ``[U, V]`` is numerically
+    rank-deficient (directions below ``√ε`` dropped). ``Q`` only serves the guard's
+    clip, which acts on eigenvalues above ``B`` (large, well-resolved directions);
+    ``P`` itself is applied exactly from ``U, V`` (see ``_factors``), so a dropped
+    direction never changes ``P·G``. (XLA:CPU's QR of a 784×16 matrix took 50–120 ms,
+    and batched under ``vmap`` it can deadlock; see ``_linalg``.)
     """
     u, v = m[0], m[1]
     if 2 * u.shape[1] >= u.shape[0]:   # span(U, V) may be everything: take Q = I
@@ -583,7 +585,10 @@ class LowRank(Structure):
 
     Zero columns of ``Q`` get eigenvalue 1 and a zero eigenvector.
     """
-    q, _, (lam, w) = self._span(m)
+    q, y = self._basis(m)
+    mq = q + y
+    empty = (jnp.sum(jnp.square(q), axis=0) == 0).astype(m.dtype)
+    lam, w = _linalg.eigh(mq.T @ mq + jnp.diag(empty))
     return lam, q @ w
 
   def _top(self, m):
@@ -599,6 +604,22 @@ class LowRank(Structure):
     top = jnp.maximum(lam[-1], 1.0) if has_complement else lam[-1]
     return top, jnp.where(grows, phi[:, -1], jnp.zeros_like(phi[:, -1]))
 
+  def _scale(self, m):
+    """``(s, λ, v)``: ``P̃ = s·P`` (``s = 1/λ_max`` with normalize, else 1)."""
+    if not self.normalize:
+      return 1.0, None, None
+    lam, v = self._top(m)
+    return 1.0 / lam, lam, v
+
+  def _clipping(self, m):
+    """``(Φ, λ, excess)`` of the guard: ``P̃ = P − Φ diag(excess) Φᵀ``, ``excess = (λ − B)₊``."""
+    lam, phi = self._eigen(m)
+    return phi, lam, jnp.maximum(lam - self.max_scale, 0.0)
+
+  @property
+  def _clips(self):
+    return self.max_scale is not None and not self.normalize
+
   @staticmethod
   def _empty(m):
     return m.shape[1] == 0 or m.shape[2] == 0   # a zero-size leaf
@@ -613,121 +634,83 @@ class LowRank(Structure):
     mtu = u + v @ (u.T @ u)
     return jnp.concatenate([u, v], axis=1), jnp.concatenate([v, mtu], axis=1)
 
-  def _span(self, m):
-    """``(Q, Ŝ, (Λ, W))``: the basis of :meth:`_basis`, ``P`` on it, and its eigenpairs.
-
-    ``P = I + Q (Ŝ − I) Qᵀ`` with ``Ŝ = (Q + Y)ᵀ(Q + Y)`` (k×k, k = 2r, or a when
-    ``Q = I``; a zero column of ``Q`` gets ``Ŝ_jj = 1``, so it does not count).
-    ``Ŝ = W Λ Wᵀ``: ``P``'s eigenvalues on ``span(Q)`` and eigenvectors ``Q·W``.
-    """
-    q, y = self._basis(m)
-    mq = q + y
-    empty = (jnp.sum(jnp.square(q), axis=0) == 0).astype(m.dtype)
-    s_hat = mq.T @ mq + jnp.diag(empty)
-    return q, s_hat, _linalg.eigh(s_hat)
-
-  def _applied(self, m):
-    """``(Q, F − s·I, s)`` with the applied ``P̃ = s·I + Q (F − s·I) Qᵀ``.
-
-    ``F = f(Ŝ)``: ``W min(Λ, B) Wᵀ`` for the guard (``s = 1``, the complement's
-    eigenvalue is 1 ≤ B), ``Ŝ/λ_max`` for FOP-norm (``s = 1/λ_max``).
-    """
-    q, s_hat, (lam, w) = self._span(m)
-    eye = jnp.eye(s_hat.shape[0], dtype=m.dtype)
-    if self.normalize:
-      top = jnp.maximum(lam[-1], 1.0) if self._has_complement(m) else lam[-1]
-      s = 1.0 / top
-      return q, s * (s_hat - eye), s
-    return q, (w * (jnp.minimum(lam, self.max_scale) - 1.0)) @ w.T, jnp.ones((), m.dtype)
-
-  @staticmethod
-  def _has_complement(m):
-    return m.shape[1] > 2 * m.shape[2]   # a > 2r: Q is (a×2r), P = I on span(Q)'s complement
-
-  @property
-  def _uses_span(self):
-    return self.normalize or self.max_scale is not None
-
   def precondition(self, m, g):
+    s, _, _ = self._scale(m)
+    left, right = self._factors(m)
     x = g.astype(m.dtype)
     rows = self.row_axes
-    if self._empty(m):
-      return g
-    if self._uses_span:
-      # P̃·G = s·G + Q ((F − s·I)(Qᵀ G)): two (a×2r)-wide products, each one pass
-      # over G, whether or not the guard clips anything (no branch).
-      q, k, s = self._applied(m)
-      out = s * x + _expand_rows(q, _contract_rows(q @ k, x, rows), x, rows)
-    else:
-      # P·G = G + L (Rᵀ G) with P = I + L Rᵀ (no basis needed).
-      left, right = self._factors(m)
-      out = x + _expand_rows(left, _contract_rows(right, x, rows), x, rows)
+    # P·G = G + L (Rᵀ G): two (a×2r)-wide products, each one pass over G.
+    out = s * (x + _expand_rows(left, _contract_rows(right, x, rows), x, rows))
+    if self._clips and not self._empty(m):
+      phi, _, excess = self._clipping(m)
+      out = jax.lax.cond(
+          jnp.any(excess > 0),
+          lambda o: o - _expand_rows(phi, _scale_rows(excess, _contract_rows(phi, x, rows)), x, rows),
+          lambda o: o, out)
     return out.astype(g.dtype)
 
   def hypergradient(self, m, g, g_prev, learning_rate):
     gt, gp = g.astype(m.dtype), g_prev.astype(m.dtype)
     rows = self.row_axes
     u, v = m[0], m[1]
-    r = u.shape[1]
-    if self._empty(m):
-      return jnp.zeros_like(m)
     # With H = ∂J/∂M = −η M S, S = G_t G_pᵀ + G_p G_tᵀ (never formed):
     # ∂J/∂U = H V = −η M (S V) and ∂J/∂V = Hᵀ U = −η S (Mᵀ U); with
-    # X = [V, MᵀU] both come from S X (for the guard, S becomes Z + Zᵀ, below).
-    _, x = self._factors(m)
-    if not self._uses_span:
-      # S X = G_t (G_pᵀ X) + G_p (G_tᵀ X): four (a×2r)-wide passes.
-      sx = (_contract_cols(gt, _contract_rows(x, gp, rows), rows)
-            + _contract_cols(gp, _contract_rows(x, gt, rows), rows))
-      return -learning_rate * jnp.stack([self._m(m, sx[:, :r]), sx[:, r:]])
-    # Everything in the basis Q of span(U, V) ∋ X: with Z_t = QᵀG_t, Z_p = QᵀG_p,
-    # C_s Q = ½(G_t Z_pᵀ + G_p Z_tᵀ) and Ĉ = Qᵀ C_s Q = sym(Z_t Z_pᵀ), four passes in all.
-    q, s_hat, (lam, w) = self._span(m)
-    zt, zp = _contract_rows(q, gt, rows), _contract_rows(q, gp, rows)
-    csq = 0.5 * (_contract_cols(gt, zp, rows) + _contract_cols(gp, zt, rows))   # C_s Q (a×k)
-    c_hat = q.T @ csq                                                           # Qᵀ C_s Q
-    x_hat = q.T @ x                                                             # X = Q X̂
+    # X = [V, MᵀU] both come from S X = G_t (G_pᵀ X) + G_p (G_tᵀ X).
+    left, x = self._factors(m)
+    xgp = _contract_rows(x, gp, rows)
+    sx = _contract_cols(gt, xgp, rows) + _contract_cols(gp, _contract_rows(x, gt, rows), rows)
+    r = u.shape[1]
+    if self._clips and not self._empty(m):
+      clipping = self._clipping(m)   # one basis and eigensolver, shared with the correction
+      sx = jax.lax.cond(jnp.any(clipping[2] > 0),
+                        lambda sx: sx - self._clip_correction(clipping, gt, gp, x),
+                        lambda sx: sx, sx)
+    du, dv = self._m(m, sx[:, :r]), sx[:, r:]
+    s, lam, top = self._scale(m)
     if self.normalize:
       # P̃ = P/λ: H = −(η/λ)[M S − (2/λ)⟨C, P⟩ M v vᵀ] (see Full.hypergradient), with
-      # ⟨C, P⟩ = ⟨G_t, G_p⟩ + ⟨Z_t, (Ŝ − I) Z_p⟩ and v = Q W_top (0 where λ_max is
-      # the complement's 1); the extra term's U-part is (Mv)(vᵀV), its V-part v((Mv)ᵀU).
-      eye = jnp.eye(s_hat.shape[0], dtype=m.dtype)
-      sx = 2 * csq @ x_hat
-      top = lam[-1]
-      vtop = q @ w[:, -1]
-      if self._has_complement(m):
-        grows = top > 1
-        top = jnp.maximum(top, 1.0)
-        vtop = jnp.where(grows, vtop, jnp.zeros_like(vtop))
-      cp = jnp.vdot(gt, gp) + jnp.vdot(zt, jnp.tensordot(s_hat - eye, zp, axes=1))
-      mv = self._m(m, vtop[:, None])[:, 0]
-      du = self._m(m, sx[:, :r]) - (2 * cp / top) * jnp.outer(mv, vtop @ v)
-      dv = sx[:, r:] - (2 * cp / top) * jnp.outer(vtop, mv @ u)
-      return -learning_rate / top * jnp.stack([du, dv])
-    # The guard: P̃ = f(P), f = min(·, B). Daleckii–Krein in P's eigenbasis [QW, Ω]
-    # (Ω the complement, eigenvalue 1): ∂⟨C, f(P)⟩/∂P has symmetric part
-    # Z = QW (L ∘ WᵀĈW) WᵀQᵀ + Π C_s QW D WᵀQᵀ + (its transpose) + Π C_s Π, with L the
-    # divided differences of f on span(Q), D = diag of those between λ_i and 1, and
-    # Π = I − QQᵀ. As Π X = 0:  Z X = QW (L ∘ WᵀĈW) WᵀX̂ + (C_s Q − Q Ĉ) W D WᵀX̂,
-    # and S X becomes 2·Z X (= 2·C_s Q X̂ = S X when nothing is clipped).
-    inner = w @ ((_divided_differences(lam, self.max_scale) * (w.T @ c_hat @ w)) @ (w.T @ x_hat))
-    zx = q @ inner
-    if self._has_complement(m):
-      snapped = _snap(lam, self.max_scale)
-      d = 1 - jnp.where(snapped > self.max_scale,
-                        (snapped - self.max_scale) / jnp.where(snapped > 1, snapped - 1, 1.0), 0.0)
-      zx = zx + (csq - q @ c_hat) @ (w @ (d[:, None] * (w.T @ x_hat)))
-    sx = 2 * zx
-    return -learning_rate * jnp.stack([self._m(m, sx[:, :r]), sx[:, r:]])
+      # ⟨C, P⟩ = ⟨G_t, P G_p⟩ = ⟨G_t, G_p⟩ + ⟨Lᵀ G_t, Rᵀ G_p⟩; the extra term's
+      # U-part is (Mv)(vᵀV) and its V-part v((Mv)ᵀU).
+      cp = jnp.vdot(gt, gp) + jnp.vdot(_contract_rows(left, gt, rows), xgp)
+      mv = self._m(m, top[:, None])[:, 0]
+      du = du - (2 * cp / lam) * jnp.outer(mv, top @ v)
+      dv = dv - (2 * cp / lam) * jnp.outer(top, mv @ u)
+    return -learning_rate * s * jnp.stack([du, dv])
+
+  def _clip_correction(self, clipping, gt, gp, x):
+    """``(Δ + Δᵀ) X``: the guard's change to ``S X`` (see ``hypergradient``).
+
+    With the clip ``P̃ = f(P)``, ``f = min(·, B)``, ``∂⟨C, f(P)⟩/∂P = Z = C − Δ``
+    (Daleckii–Krein in ``P``'s eigenbasis ``[Φ, Ω]``, ``Ω`` the complement where
+    ``P = I``): ``Δ = Φ A Φᵀ + Q₁ D Φᵀ + Φ D Q₂ᵀ`` with ``A = (1 − L) ∘ ΦᵀCΦ`` (``L``
+    the divided differences of ``f`` on ``span(U, V)``), ``D = diag((λ − B)₊/(λ − 1))``
+    (one minus the divided difference between ``λ`` and the complement's 1),
+    ``Q₁ = (I − ΦΦᵀ) C Φ`` and ``Q₂ = (I − ΦΦᵀ) Cᵀ Φ``. ``S X`` becomes ``S X − (Δ + Δᵀ) X``.
+    """
+    rows = self.row_axes
+    phi, lam, _ = clipping
+    c_phi = _contract_cols(gt, _contract_rows(phi, gp, rows), rows)    # C Φ
+    ct_phi = _contract_cols(gp, _contract_rows(phi, gt, rows), rows)   # Cᵀ Φ
+    phi_c_phi = phi.T @ c_phi                                           # Φᵀ C Φ
+    a = (1 - _divided_differences(lam, self.max_scale)) * phi_c_phi
+    snapped = _snap(lam, self.max_scale)
+    d = jnp.where(snapped > self.max_scale,
+                  (snapped - self.max_scale) / jnp.where(snapped > 1, snapped - 1, 1.0), 0.0)
+    q1 = c_phi - phi @ phi_c_phi
+    q2 = ct_phi - phi @ phi_c_phi.T
+    f = phi.T @ x
+    delta_x = phi @ (a @ f) + q1 @ (d[:, None] * f) + phi @ (d[:, None] * (q2.T @ x))
+    delta_t_x = phi @ (a.T @ f) + phi @ (d[:, None] * (q1.T @ x)) + q2 @ (d[:, None] * f)
+    return delta_x + delta_t_x
 
   def matrix(self, m, shape):
-    del shape
-    eye = jnp.eye(m.shape[1], dtype=m.dtype)
-    if self._empty(m) or not self._uses_span:
-      mm = self._m(m, eye)
-      return mm.T @ mm
-    q, k, s = self._applied(m)
-    return s * eye + q @ k @ q.T
+    mm = self._m(m, jnp.eye(m.shape[1], dtype=m.dtype))
+    s, _, _ = self._scale(m)
+    p = s * (mm.T @ mm)
+    if self._clips and not self._empty(m):
+      phi, _, excess = self._clipping(m)
+      p = p - (phi * excess) @ phi.T
+    return p
 
   def top_eigen(self, m):
     # ∂λ/∂M = 2 M v vᵀ; on U: (2 M v vᵀ) V, on V: (2 M v vᵀ)ᵀ U (v = 0 where λ_max = 1).

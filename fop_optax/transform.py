@@ -112,6 +112,7 @@ def scale_by_fop(
     seed: Optional[int] = None,
     max_scale: Optional[float] = DEFAULT_MAX_SCALE,
     gamma: Optional[tuple[optax.ScalarOrSchedule, float]] = None,
+    update_every: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""First-order preconditioning: replaces each gradient ``g`` by ``P·g``, ``P = MᵀM``.
 
@@ -187,6 +188,16 @@ def scale_by_fop(
       a fixed scale ``1/p_∞`` later), ``p_∞ > 0``. The hypergradient includes
       ``γ``'s dependence on ``M`` (``∂‖P‖₂/∂M = 2Mvvᵀ``). Replaces ``normalize``
       and the guard (``λ_max(P̃) = λ/γ ≤ 1/δ``); ``None``: off.
+    update_every: ``k``: the hypergradient and the hyper step run on every
+      ``k``-th call only (calls ``k, 2k, ...``; default 1, every call). On the
+      others ``M`` is kept and only ``P·G`` is applied (and ``G`` stored), so
+      the hypergradient's cost (two thirds of FOP's arithmetic for low rank) is
+      paid once in ``k`` steps; each hyper step still uses two consecutive
+      gradients, so it is the same exact one-step hypergradient. The
+      hyper-optimiser then takes ``k`` times fewer steps: ``P`` moves about
+      ``k`` times slower at the same ``hyper_learning_rate``. The choice is a
+      ``lax.cond`` inside the step (under ``jax.vmap`` both branches run).
+      The first call never takes a hyper step and does none of its work.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`FopState`.
@@ -217,6 +228,10 @@ def scale_by_fop(
     if not p_inf > 0:
       raise ValueError(f'gamma: p_∞ must be > 0, got {p_inf}')
     max_scale = None   # P̃ = P/γ: the raw P is learned unclipped
+  if update_every is not None and (not isinstance(update_every, numbers.Integral)
+                                   or isinstance(update_every, bool) or update_every < 1):
+    raise ValueError(f'update_every must be None or an int >= 1, got {update_every!r}')
+  every = 1 if update_every is None else int(update_every)
   rule = dict(max_full_dim=max_full_dim, rank=rank, normalize=normalize, max_scale=max_scale)
 
   def gamma_at(count, lam):
@@ -259,7 +274,7 @@ def scale_by_fop(
     # Leaves are processed as aligned lists: the matrices' tree has the params'
     # structure minus Flax Variable wrappers (see unwrapped_treedef).
     m_def = jax.tree.structure(state.preconditioners)
-    ms, gs = jax.tree.leaves(state.preconditioners), jax.tree.leaves(updates)
+    gs = jax.tree.leaves(updates)
     def hypergradient(s, m, g, gp):
       if gamma is None or isinstance(s, structures_lib.NoPreconditioner):
         return s.hypergradient(m, g, gp, eta)
@@ -269,25 +284,32 @@ def scale_by_fop(
       cp = jnp.vdot(g.astype(m.dtype), s.precondition(m, gp).astype(m.dtype))
       return s.hypergradient(m, g, gp, eta / gam) + (eta * d * cp / gam ** 2) * dlam
 
-    hypergrads = m_def.unflatten(_replicate_matrices(structs, [
-        hypergradient(s, m, g, gp).astype(m.dtype)
-        for s, m, g, gp in zip(structs, ms, gs, jax.tree.leaves(state.last_gradient))]))
-    hyper_updates, hyper_state = hyper_optimizer.update(
-        hypergrads, state.hyper_state, state.preconditioners)
-    if calibrate:
-      hyper_updates = m_def.unflatten([
-          u * s.hyper_step_scale(tuple(g.shape))
-          for s, u, g in zip(structs, jax.tree.leaves(hyper_updates), gs)])
-    preconditioners = optax.apply_updates(state.preconditioners, hyper_updates)
-    # Each structure's own bound (set from max_scale by resolve_structures, or given).
-    preconditioners = m_def.unflatten([
-        m if _bound(s, max_scale) is None else s.clip(m, _bound(s, max_scale))
-        for s, m in zip(structs, jax.tree.leaves(preconditioners))])
-    # The first call has no previous step to learn from.
-    first = state.count == 0
-    preconditioners, hyper_state = optax.tree.where(
-        first, (state.preconditioners, state.hyper_state),
-        (preconditioners, hyper_state))
+    def hyper_step(operand):
+      old_ms, old_hyper_state = operand
+      hypergrads = m_def.unflatten(_replicate_matrices(structs, [
+          hypergradient(s, m, g, gp).astype(m.dtype)
+          for s, m, g, gp in zip(structs, jax.tree.leaves(old_ms), gs,
+                                 jax.tree.leaves(state.last_gradient))]))
+      hyper_updates, hyper_state = hyper_optimizer.update(hypergrads, old_hyper_state, old_ms)
+      if calibrate:
+        hyper_updates = m_def.unflatten([
+            u * s.hyper_step_scale(tuple(g.shape))
+            for s, u, g in zip(structs, jax.tree.leaves(hyper_updates), gs)])
+      new_ms = optax.apply_updates(old_ms, hyper_updates)
+      # Each structure's own bound (set from max_scale by resolve_structures, or given).
+      new_ms = m_def.unflatten(_replicate_matrices(structs, [
+          m if _bound(s, max_scale) is None else s.clip(m, _bound(s, max_scale))
+          for s, m in zip(structs, jax.tree.leaves(new_ms))]))
+      return new_ms, hyper_state
+
+    # The first call has no previous step to learn from; with update_every = k only
+    # calls k, 2k, ... learn. lax.cond: the skipped calls do none of the work.
+    learn = state.count > 0
+    if every > 1:
+      learn = learn & (state.count % every == 0)
+    preconditioners, hyper_state = jax.lax.cond(
+        learn, hyper_step, lambda operand: operand,
+        (state.preconditioners, state.hyper_state))
     preconditioners = m_def.unflatten(
         _replicate_matrices(structs, jax.tree.leaves(preconditioners)))
 
