@@ -80,8 +80,8 @@ class OnePassHPOState(NamedTuple):
   """State of :func:`one_pass_hpo`.
 
   Attributes:
-    count: steps taken so far (int32 scalar; steps skipped for non-finite
-      gradients are not counted).
+    count: calls to ``update`` so far, skipped steps included (int32
+      scalar); the hyper step runs when ``count % period == period - 1``.
     hyperparams: the values the next step uses, in natural units:
       ``{'learning_rate', 'momentum', 'weight_decay'}``, each a scalar or,
       if per-parameter, shaped like the parameters. The learned ones are
@@ -415,8 +415,12 @@ def one_pass_hpo(
         skipped_steps=state.skipped_steps,
         skipped_hypersteps=state.skipped_hypersteps + hyper_skipped,
     )
-    kept = state._replace(skipped_steps=state.skipped_steps + 1)
-    new_state = optax.tree.where(finite, new_state, kept)
+    # A skipped step keeps everything but the counters. `count` counts calls,
+    # skipped ones too, so that it never depends on the data (under jax.vmap
+    # an unbatched count keeps the hyper step a cond).
+    kept = state._replace(count=new_state.count, skipped_steps=state.skipped_steps + 1)
+    new_state = optax.tree.where(finite, new_state._replace(count=None),
+                                 kept._replace(count=None))._replace(count=new_state.count)
     new_updates = optax.tree.where(finite, new_updates, optax.tree.zeros_like(new_updates))
     return new_updates, new_state
 
