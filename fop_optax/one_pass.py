@@ -399,8 +399,11 @@ def one_pass_hpo(
 
     # The predicate depends on the count alone, so that under jax.vmap with an
     # unbatched count this stays a cond (a batched predicate becomes a select).
-    raw, hyper_state, h, hyper_skipped = jax.lax.cond(
-        is_hyper, hyper_step, no_hyper_step, None)
+    if learn:
+      raw, hyper_state, h, hyper_skipped = jax.lax.cond(
+          is_hyper, hyper_step, no_hyper_step, None)
+    else:  # plain SGD: nothing to differentiate, no closure is called
+      raw, hyper_state, h, hyper_skipped = no_hyper_step(None)
     hyperparams = dict(hp)
     for name, value in raw.items():
       hyperparams[name] = jax.tree.map(lambda x, old: _natural(name, x).astype(old.dtype),
