@@ -35,6 +35,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -234,7 +235,7 @@ def plot(results, steps_axis, task, kind, path):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+  fig, axes = plt.subplots(1, 5, figsize=(25, 4.2))
   ax = axes[0]
   for m, r in results.items():
     v = np.sort(np.where(np.isfinite(r['final']['test_loss']), r['final']['test_loss'], np.nan))
@@ -255,9 +256,10 @@ def plot(results, steps_axis, task, kind, path):
   ax.set_xlabel('step')
   ax.set_ylabel('validation loss (median, IQR)')
   ax.set_title('validation loss')
-  for ax, name, log in zip(axes[2:], ('learning_rate', 'momentum'), (True, False)):
+  for ax, name, log in zip(axes[2:], ('learning_rate', 'momentum', 'weight_decay'),
+                           (True, False, True)):
     for m in ('one_pass', 'one_pass_pp', 'hd'):
-      if m not in results or (name == 'momentum' and m == 'hd'):
+      if m not in results or (name != 'learning_rate' and m == 'hd'):
         continue
       traj = np.stack([hp[name] for hp in results[m]['curves']['hyperparams']])  # (evals, inits)
       ax.plot(steps_axis, traj, color=COLORS[m], alpha=0.35, lw=0.8)
@@ -287,6 +289,8 @@ def main(argv=None):
   parser.add_argument('--methods', default=','.join(METHODS))
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--data-dir', default=None)
+  parser.add_argument('--plot-only', action='store_true',
+                      help='redraw the figure from --out (the JSON of an earlier run)')
   parser.add_argument('--quick', action='store_true', help='4 inits, 200 steps, 1k train images')
   parser.add_argument('--out', default=None, help='default results/one_pass_<task>.json')
   parser.add_argument('--img', default=None, help='default docs/img/one_pass_<task>.png')
@@ -298,6 +302,19 @@ def main(argv=None):
   root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
   args.out = args.out or os.path.join(root, 'results', f'one_pass_{args.task}.json')
   args.img = args.img or os.path.join(root, 'docs', 'img', f'one_pass_{args.task}.png')
+  if args.plot_only:
+    with open(args.out) as f:
+      saved = json.load(f)
+    nan = lambda v: np.asarray([np.nan if x is None else x for x in np.ravel(v)]).reshape(
+        np.shape(v))
+    results = {m: {'final': {k: nan(v) for k, v in r['final'].items()},
+                   'curves': {'val_loss': [nan(v) for v in r['val_loss']],
+                              'hyperparams': [{k: nan(v) for k, v in hp.items()}
+                                              for hp in r['hyperparams']]},
+                   'steps': r['steps']} for m, r in saved['results'].items()}
+    plot(results, next(iter(results.values()))['steps'], args.task,
+         'classify' if args.task == 'fashion_mnist' else 'regress', args.img)
+    return
   methods = [m for m in args.methods.split(',') if m]
   unknown = [m for m in methods if m not in METHODS]
   if unknown:

@@ -379,6 +379,13 @@ def one_pass_hpo(
     finite = _all_finite(updates) & _all_finite(new_updates)
     is_hyper = (state.count % period) == (period - 1)
 
+    def natural(raw):
+      hyperparams = dict(hp)
+      for name, value in raw.items():
+        hyperparams[name] = jax.tree.map(lambda x, old: _natural(name, x).astype(old.dtype),
+                                         value, hp[name])
+      return hyperparams
+
     def hyper_step(_):
       h = hypergradient(state, params, b_prev, b, new_updates, train_loss_fn, val_loss_fn)
       steps, hyper_state = hyper_optimizer.update(h, state.hyper_state, state.raw_hyperparams)
@@ -387,43 +394,42 @@ def one_pass_hpo(
         raw['learning_rate'] = jax.tree.map(lambda a: jnp.clip(a, log_lo, log_hi),
                                             raw['learning_rate'])
       raw = jax.tree.map(lambda new, old: new.astype(old.dtype), raw, state.raw_hyperparams)
-      # (Non-finite weight steps are undone below, state and all.)
-      ok = _all_finite(h) & _all_finite(raw) & _all_finite(hyper_state)
+      hyper_ok = _all_finite(h) & _all_finite(raw) & _all_finite(hyper_state)
+      ok = hyper_ok & finite  # a skipped weight step skips its hyper step too
       keep = lambda new, old: optax.tree.where(ok, new, old)
-      return (keep(raw, state.raw_hyperparams), keep(hyper_state, state.hyper_state),
-              keep(h, optax.tree.zeros_like(h)), jnp.logical_not(ok).astype(jnp.int32))
+      h = optax.tree.where(ok, h, optax.tree.where(finite, optax.tree.zeros_like(h),
+                                                   state.hypergradient))
+      return (keep(natural(raw), hp), keep(raw, state.raw_hyperparams),
+              keep(hyper_state, state.hyper_state), h,
+              (finite & jnp.logical_not(hyper_ok)).astype(jnp.int32))
 
     def no_hyper_step(_):
-      return (state.raw_hyperparams, state.hyper_state, state.hypergradient,
+      return (hp, state.raw_hyperparams, state.hyper_state, state.hypergradient,
               jnp.zeros([], jnp.int32))
 
     # The predicate depends on the count alone, so that under jax.vmap with an
     # unbatched count this stays a cond (a batched predicate becomes a select).
+    # Only the hyper step touches the hyperparameters' state.
     if learn:
-      raw, hyper_state, h, hyper_skipped = jax.lax.cond(
+      hyperparams, raw, hyper_state, h, hyper_skipped = jax.lax.cond(
           is_hyper, hyper_step, no_hyper_step, None)
     else:  # plain SGD: nothing to differentiate, no closure is called
-      raw, hyper_state, h, hyper_skipped = no_hyper_step(None)
-    hyperparams = dict(hp)
-    for name, value in raw.items():
-      hyperparams[name] = jax.tree.map(lambda x, old: _natural(name, x).astype(old.dtype),
-                                       value, hp[name])
+      hyperparams, raw, hyper_state, h, hyper_skipped = no_hyper_step(None)
+    # A skipped step (non-finite gradients or update) keeps everything but the
+    # counters. `count` counts calls, skipped ones too, so that it never
+    # depends on the data (under jax.vmap an unbatched count keeps the cond).
+    momentum = jax.tree.map(lambda x, m: jnp.where(finite, x.astype(m.dtype), m),
+                            b, state.momentum)
     new_state = OnePassHPOState(
         count=state.count + 1,
         hyperparams=hyperparams,
         raw_hyperparams=raw,
-        momentum=jax.tree.map(lambda x, m: x.astype(m.dtype), b, state.momentum),
+        momentum=momentum,
         hyper_state=hyper_state,
         hypergradient=h,
-        skipped_steps=state.skipped_steps,
+        skipped_steps=state.skipped_steps + jnp.logical_not(finite).astype(jnp.int32),
         skipped_hypersteps=state.skipped_hypersteps + hyper_skipped,
     )
-    # A skipped step keeps everything but the counters. `count` counts calls,
-    # skipped ones too, so that it never depends on the data (under jax.vmap
-    # an unbatched count keeps the hyper step a cond).
-    kept = state._replace(count=new_state.count, skipped_steps=state.skipped_steps + 1)
-    new_state = optax.tree.where(finite, new_state._replace(count=None),
-                                 kept._replace(count=None))._replace(count=new_state.count)
     new_updates = optax.tree.where(finite, new_updates, optax.tree.zeros_like(new_updates))
     return new_updates, new_state
 
