@@ -183,7 +183,7 @@ def _regression(n=256, d=8, seed=0):
   return (jnp.asarray(x[:n]), jnp.asarray(y[:n])), (jnp.asarray(x[n:]), jnp.asarray(y[n:]))
 
 
-def _run(tx, params, train, val, steps, batch=32):
+def _run(tx, params, train, val, steps, batch=32, hyperparams=lambda s: s.hyperparams):
   (x, y), (xv, yv) = train, val
   loss = lambda p, x, y: jnp.mean((x @ p['w'] + p['b'] - y) ** 2)
   n = x.shape[0] // batch
@@ -199,7 +199,7 @@ def _run(tx, params, train, val, steps, batch=32):
     updates, state = tx.update(grads, state, params,
                                train_loss_fn=lambda p: loss(p, xb, yb),
                                val_loss_fn=lambda p: loss(p, xvb, yvb))
-    return (optax.apply_updates(params, updates), state), state.hyperparams['learning_rate']
+    return (optax.apply_updates(params, updates), state), hyperparams(state)['learning_rate']
 
   (params, state), rates = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(steps)))(
       (params, tx.init(params)))
@@ -471,3 +471,57 @@ def test_flax_nnx_optimizer():
     last = float(train_step(model, optimizer))
   assert last < 0.5 * first, (first, last)
   assert float(optimizer.opt_state.hyperparams['learning_rate'][...]) > 0.01
+
+
+# ----------------------------------------------------------------------------- any injected optimiser
+
+def _sgd_factory(learning_rate, momentum, weight_decay):
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum))
+
+
+def test_injected_sgd_equals_one_pass_hpo(x64):
+  """jax.vjp through an inject_hyperparams SGD gives one_pass_hpo's closed-form hypergradients."""
+  params, train_loss, val_loss = _mlp_problem()
+  opt = optax.inject_hyperparams(_sgd_factory)(learning_rate=0.1, momentum=0.7, weight_decay=1e-3)
+  injected = fop_optax.one_pass_hpo_injected(
+      opt, learn=('learning_rate', 'momentum', 'weight_decay'), period=3, neumann_terms=4)
+  closed = fop_optax.one_pass_hpo(0.1, 0.7, 1e-3, period=3, neumann_terms=4)
+  _, _, a = _hyper_step(injected, params, train_loss, val_loss, steps=6)
+  _, _, b = _hyper_step(closed, params, train_loss, val_loss, steps=6)
+  assert _rel_err(a.hypergradient, b.hypergradient) < 1e-10
+  for name in ('learning_rate', 'momentum', 'weight_decay'):
+    np.testing.assert_allclose(a.inner_state.hyperparams[name], b.hyperparams[name], rtol=1e-10)
+  assert float(a.inner_state.hyperparams['learning_rate']) != 0.1
+
+
+def _inner_hp(state):
+  return state.inner_state.hyperparams
+
+
+def test_injected_adam_learning_rate_rises_from_far_too_small():
+  train, val = _regression()
+  params = {'w': jnp.zeros((8, 1)), 'b': jnp.zeros(1)}
+  make = lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-5)
+  tx = fop_optax.one_pass_hpo_injected(make(), learn=('learning_rate',))
+  _, state, _, val_hpo = _run(tx, params, train, val, steps=600, hyperparams=_inner_hp)
+  fixed = fop_optax.one_pass_hpo_injected(make(), learn=('learning_rate',), hyper_learning_rate=0.0)
+  _, _, _, val_fixed = _run(fixed, params, train, val, steps=600, hyperparams=_inner_hp)
+  assert float(state.inner_state.hyperparams['learning_rate']) > 1e-3
+  assert val_hpo < 0.2 * val_fixed, (val_hpo, val_fixed)
+
+
+def test_injected_errors():
+  params, train_loss, val_loss = _mlp_problem(jnp.float32)
+  with pytest.raises(TypeError, match='inject_hyperparams'):
+    fop_optax.one_pass_hpo_injected(optax.adam(0.1)).init(params)
+  opt = optax.inject_hyperparams(optax.adam)(learning_rate=optax.constant_schedule(0.1))
+  with pytest.raises(ValueError, match='schedules'):
+    fop_optax.one_pass_hpo_injected(opt).init(params)
+  opt = optax.inject_hyperparams(optax.adam)(learning_rate=0.1)
+  with pytest.raises(ValueError, match='not hyperparameters'):
+    fop_optax.one_pass_hpo_injected(opt, learn=('momentum',)).init(params)
+  with pytest.raises(ValueError, match='unknown coordinates'):
+    fop_optax.one_pass_hpo_injected(opt, learn={'b1': 'sqrt'})
+  tx = fop_optax.one_pass_hpo_injected(opt)
+  with pytest.raises(TypeError, match='val_loss_fn'):
+    tx.update(jax.grad(train_loss)(params), tx.init(params), params, train_loss_fn=train_loss)
