@@ -525,3 +525,24 @@ def test_injected_errors():
   tx = fop_optax.one_pass_hpo_injected(opt)
   with pytest.raises(TypeError, match='val_loss_fn'):
     tx.update(jax.grad(train_loss)(params), tx.init(params), params, train_loss_fn=train_loss)
+
+
+def test_study_example_smoke(tmp_path):
+  """examples/one_pass_study.py runs end to end (diabetes, 2 inits, 30 steps) and redraws from JSON."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  'examples'))
+  import json
+  import one_pass_study  # pylint: disable=import-outside-toplevel
+  out, img = str(tmp_path / 'r.json'), str(tmp_path / 'r.png')
+  args = ['diabetes', '--inits', '2', '--steps', '30', '--evals', '2', '--methods',
+          'fixed,one_pass_pp', '--out', out, '--img', img]
+  one_pass_study.main(args)
+  saved = json.load(open(out))
+  assert set(saved['results']) == {'fixed', 'one_pass_pp'}
+  assert len(saved['results']['fixed']['final']['test_loss']) == 2
+  assert os.path.getsize(img) > 0
+  os.remove(img)
+  one_pass_study.main(args + ['--plot-only'])
+  assert os.path.getsize(img) > 0
