@@ -15,13 +15,14 @@ sides of a ratio alike. Printed: the median ratio with its min–max over repeti
 
 Optimisers: ``sgd`` (``optax.chain(optax.add_decayed_weights(ω), optax.sgd(η, μ))``, the
 baseline), ``one_pass_hpo(learn=())`` (the same SGD through this module: its own overhead),
-``one_pass_hpo()`` (η, μ, ω learned, K = 5), the per-parameter-η variant, and K = 1 / K = 10 to
-show how the cost grows with the Neumann terms.
+``one_pass_hpo()`` (η, μ, ω learned, K = 5), the per-parameter-η variant, K = 1 / K = 10 to
+show how the cost grows with the Neumann terms, and ``one_pass_hpo_injected`` (``jax.vjp`` through
+the optimiser's update) for an injected SGD (η, μ, ω) and an injected Adam (its learning rate).
 
 Models: ``fmnist_mlp``, the paper's Fashion-MNIST MLP 784-50-10 at batch 50; ``mlp``,
 784-1024-1024-10 at batch 128 (as in ``benchmarks/overhead.py``).
 
-Run: ``python benchmarks/one_pass_cost.py`` (about 2–4 minutes on 2 CPU cores).
+Run: ``python benchmarks/one_pass_cost.py`` (about 6–8 minutes on 2 busy CPU cores).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ LR, MOMENTUM, WD, PERIOD = 0.05, 0.9, 1e-4, 10
 
 MODELS = {'fmnist_mlp': ((784, 50, 10), 50), 'mlp': ((784, 1024, 1024, 10), 128)}
 
+def _sgd(learning_rate, momentum, weight_decay):
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum))
+
+
 OPTIMIZERS = {
     'sgd': lambda: optax.chain(optax.add_decayed_weights(WD), optax.sgd(LR, momentum=MOMENTUM)),
     'one_pass learn=()': lambda: fop_optax.one_pass_hpo(LR, MOMENTUM, WD, learn=()),
@@ -56,6 +61,12 @@ OPTIMIZERS = {
                                                    neumann_terms=1),
     'one_pass K=10': lambda: fop_optax.one_pass_hpo(LR, MOMENTUM, WD, period=PERIOD,
                                                     neumann_terms=10),
+    # The generic path: jax.vjp through an inject_hyperparams SGD instead of closed forms.
+    'injected sgd K=5': lambda: fop_optax.one_pass_hpo_injected(
+        optax.inject_hyperparams(_sgd)(learning_rate=LR, momentum=MOMENTUM, weight_decay=WD),
+        learn=('learning_rate', 'momentum', 'weight_decay'), period=PERIOD),
+    'injected adam K=5 (lr)': lambda: fop_optax.one_pass_hpo_injected(
+        optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), period=PERIOD),
 }
 
 
