@@ -116,8 +116,10 @@ class OnePassHPOState(NamedTuple):
 def _hvp_fn(loss_fn: Callable[[Any], jax.Array], params: Any) -> Callable[[Any], Any]:
   """``s ↦ H(params)·s`` for the Hessian of ``loss_fn`` (forward over reverse).
 
-  ``jax.linearize`` evaluates the gradient once and keeps its linearisation,
-  so each further product costs about one extra gradient.
+  ``jax.linearize`` evaluates the gradient once and keeps its linearisation
+  (memory: the backward pass's residuals), so each further product replays
+  only its tangent: about two gradients' work, more on CPU
+  (``benchmarks/one_pass_cost.py``).
   """
   _, hvp = jax.linearize(jax.grad(loss_fn), params)
   return hvp
