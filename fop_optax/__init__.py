@@ -2,8 +2,11 @@
 
 from fop_optax import diagnostics
 from fop_optax import hypergradient
+from fop_optax import one_pass
 from fop_optax import structures
 from fop_optax.alias import adam_hd, fop, fop_adam, sgd_hd
+from fop_optax.one_pass import (OnePassHPOState, OnePassInjectedState, one_pass_hpo,
+                                one_pass_hpo_injected)
 from fop_optax.nonfinite import SkipNonFiniteState, skip_nonfinite
 from fop_optax.structures import resolve_structures
 from fop_optax.hypergradient import HypergradientState, scale_by_hypergradient
@@ -12,7 +15,9 @@ from fop_optax.transform import FopState, scale_by_fop
 __version__ = '0.1.0'
 
 __all__ = [
-    'FopState', 'HypergradientState', 'SkipNonFiniteState', 'adam_hd',
-    'diagnostics', 'fop', 'fop_adam', 'hypergradient', 'resolve_structures', 'scale_by_fop',
+    'FopState', 'HypergradientState', 'OnePassHPOState', 'OnePassInjectedState',
+    'SkipNonFiniteState', 'adam_hd',
+    'diagnostics', 'fop', 'fop_adam', 'hypergradient', 'one_pass', 'one_pass_hpo', 'one_pass_hpo_injected',
+    'resolve_structures', 'scale_by_fop',
     'scale_by_hypergradient', 'sgd_hd', 'skip_nonfinite', 'structures',
 ]
