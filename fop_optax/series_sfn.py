@@ -120,15 +120,23 @@ def _sqrt_series(num_terms: int) -> np.ndarray:
 
 
 def damped_coefficients(a, num_terms: int) -> jax.Array:
-  """``d_k`` of ``1/(√(1 − x) + a) = Σ d_k x^k`` by the stable Cauchy quotient."""
+  """``d_k`` of ``1/(√(1 − x) + a) = Σ d_k x^k`` by the stable Cauchy quotient.
+
+  Forward substitution of ``(1 + a)·d_k + Σ_{j=1..k} b_j d_{k−j} = [k = 0]``
+  in one ``lax.fori_loop`` (so a long series traces once).
+  """
   a = jnp.asarray(a)
   b = jnp.asarray(_sqrt_series(num_terms), a.dtype)
   inv = 1 / (1 + a)
-  d = [inv]
-  for k in range(1, num_terms):
-    acc = sum(b[j] * d[k - j] for j in range(1, k + 1))
-    d.append(-acc * inv)
-  return jnp.stack(d)
+  d = jnp.zeros(num_terms, a.dtype).at[0].set(inv)
+  lags = jnp.arange(1, num_terms)
+
+  def body(k, d):
+    index = k - lags
+    acc = jnp.sum(jnp.where(index >= 0, b[1:] * d[jnp.maximum(index, 0)], 0))
+    return d.at[k].set(-acc * inv)
+
+  return jax.lax.fori_loop(1, num_terms, body, d)
 
 
 def damped_coefficients_recurrence(a, num_terms: int) -> jax.Array:
@@ -342,7 +350,7 @@ def series_sfn(
     else:
       eff_scale = new_scale + damping
       coefficients = quasi_damped_coefficients(num_terms, dtype)
-      decay = damping / eff_scale
+      decay = damping
     coefficients = coefficients.astype(dtype)
 
     def next_term(v, h2v):
