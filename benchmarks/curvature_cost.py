@@ -122,18 +122,17 @@ def timeit(fn):
   return time.perf_counter() - start
 
 
-def bench(model, reps, inner):
+def bench(model, reps, inner, names):
   sizes, batch, kind = MODELS[model]
   params, x, y, apply, loss = make_model(sizes, batch, kind)
   grad_loop = make_grad_loop(apply, loss, x, y, inner)
   loops = {}
-  for name, (factory, _) in OPTIMIZERS.items():
-    tx = factory()
+  for name in names:
+    tx = OPTIMIZERS[name][0]()
     loops[name] = (make_loop(tx, apply, loss, x, y, inner), tx.init(params))
     jax.block_until_ready(loops[name][0](params, loops[name][1]))  # compile
-  ratios = {name: [] for name in OPTIMIZERS}
+  ratios = {name: [] for name in names}
   grad_ms = []
-  names = list(OPTIMIZERS)
   for rep in range(reps):
     order = names[rep % len(names):] + names[:rep % len(names)]
     for name in order:
@@ -148,6 +147,8 @@ def bench(model, reps, inner):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+  parser.add_argument('--optimizers', nargs='+', default=list(OPTIMIZERS),
+                      choices=list(OPTIMIZERS))
   parser.add_argument('--reps', type=int, default=7)
   parser.add_argument('--inner', type=int, default=20, help='steps per timed loop')
   parser.add_argument('--quick', action='store_true')
@@ -159,7 +160,7 @@ def main(argv=None):
         f'{args.reps} repetitions of {args.inner} steps in a lax.fori_loop', flush=True)
   out = {}
   for model in args.models:
-    ratios, grad_ms = bench(model, args.reps, args.inner)
+    ratios, grad_ms = bench(model, args.reps, args.inner, args.optimizers)
     out[model] = {'grad_ms': grad_ms, 'ratios': ratios}
     print(f'\n{model} ({MODELS[model][0]}, batch {MODELS[model][1]}): one gradient '
           f'evaluation = {grad_ms:.3f} ms (median)')
