@@ -53,9 +53,10 @@ from fop_optax import _checks
 from fop_optax import curvature as curvature_lib
 from fop_optax import nonfinite
 
-__all__ = ['QlrState', 'adam_qlr', 'scale_by_qlr', 'CURVATURES']
+__all__ = ['QlrState', 'adam_qlr', 'scale_by_qlr', 'CURVATURES', 'DAMPING_RULES']
 
 CURVATURES = ('ggn', 'hessian')
+DAMPING_RULES = ('levenberg_marquardt', 'decreasing_loss')
 
 
 class QlrState(NamedTuple):
@@ -101,6 +102,7 @@ def scale_by_qlr(
     saddle_free: bool = True,
     max_step_size: Optional[float] = None,
     step_size_scale: float = 1.0,
+    damping_rule: str = 'levenberg_marquardt',
 ) -> optax.GradientTransformationExtraArgs:
   r"""A direction scaled by the step size that minimises a damped quadratic model.
 
@@ -137,11 +139,19 @@ def scale_by_qlr(
     max_step_size: clip ``|α|`` (the reference's older variant); ``None``
       (default) for no clipping.
     step_size_scale: multiplies ``α`` (the reference's amplification, 1).
+    damping_rule: ``'levenberg_marquardt'`` (the ``ρ`` rule above) or
+      ``'decreasing_loss'``, the reference's SGDQLR rule: when ``f' < f``
+      the step is kept and ``λ ← damping_decrease·λ``; otherwise it is
+      rejected (a zero update, the direction's state restored) and
+      ``λ ← damping_increase·λ``. Its configs use ``initial_damping=1,
+      damping_decrease=0.9, damping_increase=2``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`QlrState`.
   """
   where = 'scale_by_qlr'
+  if damping_rule not in DAMPING_RULES:
+    raise ValueError(f'{where}: damping_rule must be one of {DAMPING_RULES}, got {damping_rule!r}')
   if curvature not in CURVATURES:
     raise ValueError(f'{where}: curvature must be one of {CURVATURES}, got {curvature!r}')
   _checks.check_number('initial_damping', initial_damping, allow_zero=True, where=where)
@@ -206,8 +216,14 @@ def scale_by_qlr(
     ratio = (new_value - value) / jnp.where(predicted < 0, predicted, -1)
     rho = jnp.where(predicted < 0, ratio, 1).astype(dtype)
     rho = jnp.where(jnp.isfinite(new_value), rho, -jnp.inf).astype(dtype)
-    new_damping = jnp.where(rho > 0.75, damping * damping_decrease,
-                            jnp.where(rho < 0.25, damping * damping_increase, damping))
+    if damping_rule == 'levenberg_marquardt':
+      new_damping = jnp.where(rho > 0.75, damping * damping_decrease,
+                              jnp.where(rho < 0.25, damping * damping_increase, damping))
+    else:
+      accept = new_value < value  # False for a NaN f'
+      new_damping = jnp.where(accept, damping * damping_decrease, damping * damping_increase)
+      new_updates = optax.tree.where(accept, new_updates, optax.tree.zeros_like(new_updates))
+      direction_state = optax.tree.where(accept, direction_state, state.direction_state)
     new_damping = jnp.maximum(new_damping, min_damping).astype(state.damping.dtype)
     return new_updates, QlrState(
         count=optax.safe_increment(state.count),
@@ -234,6 +250,7 @@ def adam_qlr(
     saddle_free: bool = True,
     max_step_size: Optional[float] = None,
     step_size_scale: float = 1.0,
+    damping_rule: str = 'levenberg_marquardt',
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamQLR with the paper's untuned defaults: no learning rate to tune.
@@ -260,5 +277,5 @@ def adam_qlr(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps), curvature=curvature,
       initial_damping=initial_damping, damping_decrease=damping_decrease,
       damping_increase=damping_increase, min_damping=min_damping, saddle_free=saddle_free,
-      max_step_size=max_step_size, step_size_scale=step_size_scale)
+      max_step_size=max_step_size, step_size_scale=step_size_scale, damping_rule=damping_rule)
   return nonfinite.skip_nonfinite(tx) if skip_nonfinite else tx

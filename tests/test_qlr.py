@@ -123,6 +123,28 @@ def test_damping_moves_both_ways(x64):
   np.testing.assert_allclose(state.damping, 1e-8)
 
 
+def test_decreasing_loss_rule_rejects_a_step_that_raises_the_loss(x64):
+  flat = lambda p: jnp.sum(jnp.log1p(p ** 2))
+  params = jnp.array([1.0])
+  for f, start, accepted in ((flat, params, False),
+                             (lambda p: jnp.sum(p ** 2), params, True)):
+    tx = fop_optax.scale_by_qlr(optax.scale_by_adam(), initial_damping=1e-3,
+                                damping_decrease=0.9, damping_increase=2.0,
+                                damping_rule='decreasing_loss')
+    state = tx.init(start)
+    value, grads = jax.value_and_grad(f)(start)
+    updates, new_state = tx.update(grads, state, start, value=value, value_fn=f,
+                                   model_fn=lambda p: p, loss_fn=f)
+    if accepted:
+      assert float(f(start + updates)) < float(value)
+      np.testing.assert_allclose(new_state.damping, 0.9e-3, rtol=1e-12)
+      assert int(new_state.direction_state.count) == 1
+    else:  # zero update, Adam's moments as they were, λ doubled
+      assert float(jnp.abs(updates).max()) == 0.0
+      np.testing.assert_allclose(new_state.damping, 2e-3, rtol=1e-12)
+      test_utils.assert_trees_all_close(new_state.direction_state, state.direction_state)
+
+
 def test_damping_stays_between_the_thresholds(x64):
   # f = θ²/2 + c·θ³ from θ = 1: ρ is a smooth function of c; pick c with ρ in (1/4, 3/4).
   def run(c):
