@@ -165,6 +165,9 @@ def test_sfn_leaves_a_saddle_where_newton_goes_to_it(x64):
   for _ in range(60):
     params, state = step(params, state)
   np.testing.assert_allclose(params, [0.0, np.sqrt(2.0)], atol=1e-3)
+  # the adaptive 2×2 solve's first column is its right-hand side: α = 1, μ = 0 exactly
+  inner = state.inner_state
+  assert float(inner.step_size) == 1.0 and float(inner.momentum) == 0.0
 
 
 def test_missing_closure_and_bad_arguments():
