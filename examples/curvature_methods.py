@@ -31,7 +31,8 @@ its scale, ``λ_max(H²)`` of the full-batch Hessian (300 power iterations) agai
 scale ``V`` in use: the series converges only where ``λ_max(H²) < 2V``.
 
 Prints a table of medians (and min–max) over seeds, with milliseconds per
-step, writes JSON and a PNG of the median curves against steps and wall time::
+step, writes JSON (``results/``) and a PNG (``docs/img/``) of the median curves
+against steps and wall time::
 
   python3 examples/curvature_methods.py rosenbrock
   python3 examples/curvature_methods.py regression --check-scale
@@ -342,7 +343,7 @@ def main(argv=None):
   parser.add_argument('--check-scale', action='store_true')
   parser.add_argument('--quick', action='store_true', help='tiny run (tests)')
   parser.add_argument('--out', default='docs/img')
-  parser.add_argument('--json', default=None)
+  parser.add_argument('--json', default=None, help='default results/curvature_PROBLEM.json')
   args = parser.parse_args(argv)
   if args.quick:
     args.seeds = min(args.seeds, 2)
@@ -376,7 +377,7 @@ def main(argv=None):
   suffix = '_quick' if args.quick else ''
   plot(results, args.problem, os.path.join(args.out, f'curvature_{args.problem}{suffix}.png'))
   save_json({'args': vars(args), 'results': results},
-            args.json or os.path.join(args.out, f'curvature_{args.problem}{suffix}.json'))
+            args.json or os.path.join('results', f'curvature_{args.problem}{suffix}.json'))
   return results
 
 

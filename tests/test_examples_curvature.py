@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.join(ROOT, 'examples'))
 def test_curvature_methods_rosenbrock_tiny(tmp_path):
   script = importlib.import_module('curvature_methods')
   results = script.main(['rosenbrock', '--optimizers', 'adam_qlr', 'sfn_power',
-                         '--seeds', '1', '--steps', '30', '--check-scale', '--out', str(tmp_path)])
+                         '--seeds', '1', '--steps', '30', '--check-scale', '--out', str(tmp_path),
+                         '--json', str(tmp_path / 'curvature_rosenbrock.json')])
   final = {r['name']: r['train_loss'] for r in results}
   start = 4.0 * 100  # f(1, −1) = 100·(−1 − 1)² = 400
   # (the full run: Adam at its best rate 0.1 ends near 0.4 after 200 steps)
