@@ -267,7 +267,9 @@ def series_sfn(
                            ('acceleration_order', acceleration_order, 0),
                            ('power_iterations', power_iterations, 1)):
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-      raise ValueError(f'{where}: {name} must be an int >= {low}, got {value!r}')
+      hint = (' (under optax.inject_hyperparams, name it in static_args: it sets the shape '
+              'of the computation)' if isinstance(value, jax.Array) else '')
+      raise ValueError(f'{where}: {name} must be an int >= {low}, got {value!r}{hint}')
   if num_terms < 2 * acceleration_order + 1:
     raise ValueError(
         f'{where}: acceleration_order={acceleration_order} needs num_terms >= '
@@ -284,7 +286,7 @@ def series_sfn(
   _checks.check_number('momentum', momentum, allow_zero=True, where=where)
   if damping_factor is not None:
     _checks.check_number('damping_factor', damping_factor, allow_zero=False, where=where)
-    if not 0 < damping_factor < 1:
+    if isinstance(damping_factor, numbers.Real) and not 0 < damping_factor < 1:
       raise ValueError(f'{where}: damping_factor must be in (0, 1) or None, got {damping_factor}')
   window = 2 * acceleration_order + 1 if acceleration_order else 1
 

@@ -223,3 +223,28 @@ def test_jit_no_recompilation_trains_skips_nonfinite_and_nnx():
   train_step(model, optimizer, x.at[0, 0].set(jnp.nan))
   test_utils.assert_trees_all_close(nnx.state(model, nnx.Param), before)
   assert int(optimizer.opt_state.skipped_steps[...]) == 1
+
+
+def test_inject_hyperparams_and_multisteps():
+  x = jax.random.normal(jax.random.key(0), (32, 3))
+  y = x[:, :1]
+  params = {'w': jnp.zeros((3, 1))}
+  model_fn = lambda p: x @ p['w']
+  loss_fn = lambda z: jnp.mean((z - y) ** 2)
+  value_fn = lambda p: loss_fn(model_fn(p))
+  grads = jax.grad(value_fn)(params)
+  kw = dict(value_fn=value_fn, model_fn=model_fn, loss_fn=loss_fn)
+  # the loop counts shape the computation: they must be static
+  with pytest.raises(ValueError, match='static_args'):
+    optax.inject_hyperparams(fop_optax.series_sfn)(num_terms=5).init(params)
+  for tx in (optax.inject_hyperparams(fop_optax.adam_qlr)(initial_damping=1e-3),
+             optax.inject_hyperparams(fop_optax.series_sfn, static_args=(
+                 'num_terms', 'acceleration_order', 'power_iterations'))(num_terms=5)):
+    updates, state = jax.jit(lambda g, s, p: tx.update(g, s, p, **kw))(
+        grads, tx.init(params), params)
+    assert float(value_fn(optax.apply_updates(params, updates))) < float(value_fn(params))
+  tx = optax.MultiSteps(fop_optax.adam_qlr(), every_k_schedule=2)
+  state = tx.init(params)
+  first, state = tx.update(grads, state, params, **kw)
+  second, state = tx.update(grads, state, params, **kw)
+  assert float(jnp.abs(first['w']).max()) == 0.0 and float(jnp.abs(second['w']).max()) > 0
