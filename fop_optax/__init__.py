@@ -16,6 +16,7 @@ __version__ = '0.1.0'
 
 __all__ = [
     'FopState', 'HypergradientState', 'QlrState', 'SeriesSfnState', 'SkipNonFiniteState',
-    'adam_hd', 'adam_qlr', 'curvature', 'diagnostics', 'fop', 'fop_adam', 'hypergradient', 'resolve_structures', 'scale_by_fop',
-    'scale_by_hypergradient', 'scale_by_qlr', 'series_sfn', 'sgd_hd', 'skip_nonfinite', 'structures',
+    'adam_hd', 'adam_qlr', 'curvature', 'diagnostics', 'fop', 'fop_adam', 'hypergradient',
+    'resolve_structures', 'scale_by_fop', 'scale_by_hypergradient', 'scale_by_qlr', 'series_sfn',
+    'sgd_hd', 'skip_nonfinite', 'structures',
 ]
