@@ -1,5 +1,6 @@
 """fop_optax: First-Order Preconditioning and hypergradient descent for optax."""
 
+from fop_optax import curvature
 from fop_optax import diagnostics
 from fop_optax import hypergradient
 from fop_optax import one_pass
@@ -7,6 +8,8 @@ from fop_optax import structures
 from fop_optax.alias import adam_hd, fop, fop_adam, sgd_hd
 from fop_optax.one_pass import (OnePassHPOState, OnePassInjectedState, one_pass_hpo,
                                 one_pass_hpo_injected)
+from fop_optax.qlr import QlrState, adam_qlr, scale_by_qlr
+from fop_optax.series_sfn import SeriesSfnState, series_sfn
 from fop_optax.nonfinite import SkipNonFiniteState, skip_nonfinite
 from fop_optax.structures import resolve_structures
 from fop_optax.hypergradient import HypergradientState, scale_by_hypergradient
@@ -15,9 +18,9 @@ from fop_optax.transform import FopState, scale_by_fop
 __version__ = '0.1.0'
 
 __all__ = [
-    'FopState', 'HypergradientState', 'OnePassHPOState', 'OnePassInjectedState',
-    'SkipNonFiniteState', 'adam_hd',
-    'diagnostics', 'fop', 'fop_adam', 'hypergradient', 'one_pass', 'one_pass_hpo', 'one_pass_hpo_injected',
-    'resolve_structures', 'scale_by_fop',
-    'scale_by_hypergradient', 'sgd_hd', 'skip_nonfinite', 'structures',
+    'FopState', 'HypergradientState', 'OnePassHPOState', 'OnePassInjectedState', 'QlrState',
+    'SeriesSfnState', 'SkipNonFiniteState', 'adam_hd', 'adam_qlr', 'curvature', 'diagnostics',
+    'fop', 'fop_adam', 'hypergradient', 'one_pass', 'one_pass_hpo', 'one_pass_hpo_injected',
+    'resolve_structures', 'scale_by_fop', 'scale_by_hypergradient', 'scale_by_qlr', 'series_sfn',
+    'sgd_hd', 'skip_nonfinite', 'structures',
 ]
