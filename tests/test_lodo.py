@@ -92,7 +92,7 @@ def test_hypergradient_equals_dense_autodiff(x64, per_leaf):
       fop_optax.scale_by_lodo(eta, momentum=beta, num_layers=layers, block_size=b, seed=3,
                               meta_optimizer=optax.sgd(HYPER_LR), per_leaf=per_leaf),
       optax.scale_by_learning_rate(eta))
-  history = _run(tx, params, 4)
+  history = _run(tx, params, 3)
   leaves0 = jax.tree.leaves(params)
   groups = [[0], [1]] if per_leaf else [[0, 1]]
 
@@ -112,7 +112,7 @@ def test_hypergradient_equals_dense_autodiff(x64, per_leaf):
     s_prev, s_now = history[t - 1][1][0], history[t][1][0]
     m = s_prev.last_input   # the preconditioner's input, the momentum m_{t-1}
     j = lambda w: _loss(jax.tree.map(lambda p, d: p - eta * d, history[t - 2][0], apply_dense(w, m)))
-    expected = jax.grad(j)(s_prev.preconditioner_params)
+    expected = jax.jit(jax.grad(j))(s_prev.preconditioner_params)
     got = jax.tree.map(lambda a, c: (a - c) / HYPER_LR, s_prev.preconditioner_params,
                        s_now.preconditioner_params)
     for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
@@ -152,13 +152,159 @@ def test_first_step_is_momentum_and_per_leaf_does_not_mix():
   params = {'a': jnp.ones((4, 3)), 'b': jnp.arange(5.0)}
   g = jax.tree.map(lambda x: jnp.cos(x) + 0.5, params)
   for kw in ({}, {'per_leaf': True}, {'architecture': 'diagonal'}, {'architecture': 'global'}):
-    tx = fop_optax.lodo(0.1, momentum=0.9, num_layers=4, **kw)
+    tx = fop_optax.lodo(0.1, momentum=0.9, num_layers=2, **kw)
     u, _ = jax.jit(tx.update)(g, tx.init(params), params)
     jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -0.1 * 0.1 * g, rtol=1e-5), u, g)
-  init, apply = fop_optax.lodo_preconditioner(4, 4, per_leaf=True)
+  init, apply = fop_optax.lodo_preconditioner(2, 4, per_leaf=True)
   w = init(params)
   w = [[x + 0.3 for x in wg] for wg in w]
   out = apply(w, {'a': jnp.ones((4, 3)), 'b': jnp.zeros(5)})
   assert float(jnp.abs(out['a']).max()) > 0 and float(jnp.abs(out['b']).max()) == 0.0
   out = apply(init(params), params)   # and P = I per leaf at the start
   jax.tree.map(lambda o, p: np.testing.assert_allclose(o, p, atol=1e-5), out, params)
+
+
+# ----------------------------------------------------------------------------- the optax contract
+
+PARAMS = {
+    'conv': jnp.full((3, 3, 2, 4), 0.1, jnp.float32),
+    'dense': jnp.full((8, 5), 0.2, jnp.float32),
+    'bias': jnp.zeros(5, jnp.float32),
+    'scale': jnp.ones((), jnp.float32),
+}
+
+
+def _sin_loss(params):
+  return sum(jnp.sum(jnp.sin(x.astype(jnp.float32) + 0.3) ** 2) for x in jax.tree.leaves(params))
+
+
+CONTRACT = {
+    'lodo': lambda: fop_optax.lodo(0.1, num_layers=3),
+    'lodo_per_leaf': lambda: fop_optax.lodo(0.1, num_layers=2, per_leaf=True),
+    'lodo_diagonal': lambda: fop_optax.lodo(0.1, architecture='diagonal'),
+    'lodo_global': lambda: fop_optax.lodo(0.1, architecture='global', momentum=None),
+}
+
+
+@pytest.mark.parametrize('name', CONTRACT)
+def test_no_recompilation_and_extra_args(name):
+  tx = CONTRACT[name]()
+
+  @jax.jit
+  def step(params, state):
+    # Unknown extra arguments are accepted, as optax's GradientTransformationExtraArgs.
+    updates, state = tx.update(jax.grad(_sin_loss)(params), state, params,
+                               unexpected_extra_arg=1)
+    return optax.apply_updates(params, updates), state
+
+  params, state = step(PARAMS, tx.init(PARAMS))
+  with test_utils.log_compilations() as logs:
+    params, state = step(params, state)
+  assert not logs, 'recompiled on the second call'
+  assert float(_sin_loss(params)) < float(_sin_loss(PARAMS))
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16', 'float32', 'float64'])
+def test_dtypes_kept_and_state_stable(dtype):
+  with jax.enable_x64(dtype == 'float64'):
+    params = jax.tree.map(lambda x: x.astype(dtype), PARAMS)
+    tx = fop_optax.lodo(0.1, num_layers=2)
+    state = tx.init(params)
+    grads = jax.grad(_sin_loss)(params)
+    update = jax.jit(tx.update)
+    updates, new_state = update(grads, state, params)
+    updates, new_state = update(grads, new_state, params)   # the hypergradient path too
+    for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+      assert u.dtype == p.dtype and u.shape == p.shape
+      assert bool(jnp.all(jnp.isfinite(u.astype(jnp.float32))))
+    dtypes = lambda s: jax.tree.map(lambda x: jnp.asarray(x).dtype, s)
+    assert dtypes(new_state) == dtypes(state)
+    inner = new_state.inner_state[0]
+    want = jnp.float64 if dtype == 'float64' else jnp.float32
+    assert all(w.dtype == want for w in jax.tree.leaves(inner.preconditioner_params))
+
+    @jax.jit
+    def maybe_update(flag, state):
+      return jax.lax.cond(flag, lambda s: tx.update(grads, s, params)[1], lambda s: s, state)
+    maybe_update(True, state)
+  with jax.enable_x64(True):
+    tx = fop_optax.lodo(0.1, num_layers=2, weight_dtype=jnp.float64)
+    w = tx.init(PARAMS).inner_state[0].preconditioner_params
+    assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(w))
+
+
+def test_inject_hyperparams():
+  inject = optax.inject_hyperparams(fop_optax.lodo, static_args=('num_layers',))
+  tx = inject(learning_rate=0.1, meta_learning_rate=1e-2, num_layers=2)
+  state = tx.init(PARAMS)
+  grads = jax.grad(_sin_loss)(PARAMS)
+  update = jax.jit(tx.update)
+  u1, state = update(grads, state, PARAMS)
+  state.hyperparams['learning_rate'] = jnp.asarray(0.05)
+  u2, state = update(grads, state, PARAMS)
+  fresh = inject(learning_rate=0.05, meta_learning_rate=1e-2, num_layers=2)
+  u_half, _ = jax.jit(fresh.update)(grads, fresh.init(PARAMS), PARAMS)
+  # The first step is the EMA's: halving α halves it.
+  test_utils.assert_trees_all_close(u1, jax.tree.map(lambda x: 2 * x, u_half), rtol=1e-5)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u2))
+  # Shapes must stay static: an int num_layers would be injected as an array.
+  with pytest.raises(TypeError, match='static_args'):
+    optax.inject_hyperparams(fop_optax.lodo)(learning_rate=0.1, num_layers=4).init(PARAMS)
+
+
+def test_multisteps_accumulates():
+  k = 3
+  tx = optax.MultiSteps(fop_optax.lodo(0.1, num_layers=2), every_k_schedule=k)
+  state = tx.init(PARAMS)
+  update = jax.jit(tx.update)
+  grads = jax.grad(_sin_loss)(PARAMS)
+  for i in range(2 * k):
+    updates, state = update(grads, state, PARAMS)
+    nonzero = any(bool(jnp.any(x != 0)) for x in jax.tree.leaves(updates))
+    assert nonzero == ((i + 1) % k == 0), i
+  assert int(state.inner_opt_state.inner_state[0].count) == 2
+
+
+def test_nonfinite_step_is_skipped():
+  tx = fop_optax.lodo(0.1, num_layers=2)
+  update = jax.jit(tx.update)
+  grads = jax.grad(_sin_loss)(PARAMS)
+  _, state = update(grads, tx.init(PARAMS), PARAMS)
+  _, state = update(grads, state, PARAMS)
+  bad = dict(grads, dense=grads['dense'].at[0, 0].set(jnp.nan))
+  updates, new_state = update(bad, state, PARAMS)
+  assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
+  test_utils.assert_trees_all_equal(new_state.inner_state, state.inner_state)
+  assert int(new_state.skipped_steps) == 1
+
+
+def test_orbax_checkpoint_resume_is_bit_exact(tmp_path):
+  ocp = pytest.importorskip('orbax.checkpoint')
+  tx = fop_optax.lodo(0.1, meta_learning_rate=1e-2, num_layers=3, seed=4)
+  history = _run(tx, PARAMS, 3, _sin_loss)
+  params, state = history[-1]
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / 'step3', {'params': params, 'opt_state': state})
+  full = _run(tx, params, 3, _sin_loss)[-1]
+  target = {'params': PARAMS, 'opt_state': tx.init(PARAMS)}
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  with ocp.StandardCheckpointer() as ckpt:
+    restored = ckpt.restore(tmp_path / 'step3', abstract)
+  test_utils.assert_trees_all_equal(restored['opt_state'], state)
+  resumed = _run(tx, restored['params'], 3, _sin_loss)[-1]
+  test_utils.assert_trees_all_equal(resumed, full)
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match='architecture'):
+    fop_optax.lodo(0.1, architecture='residual')
+  with pytest.raises(ValueError, match='num_layers'):
+    fop_optax.lodo(0.1, num_layers=0)
+  with pytest.raises(TypeError, match='Python int'):
+    fop_optax.scale_by_lodo(0.1, block_size=2.0)
+  with pytest.raises(ValueError, match='momentum'):
+    fop_optax.lodo(0.1, momentum=1.0)
+  with pytest.raises(ValueError, match='learning_rate'):
+    fop_optax.lodo(-0.1)
+  with pytest.raises(TypeError, match='floating'):
+    fop_optax.lodo(0.1).init({'i': jnp.arange(3)})
