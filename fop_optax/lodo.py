@@ -210,13 +210,13 @@ def _gather(y, perm, inverse):
 
   @jax.custom_vjp
   def permute(y):
-    return jnp.take(y, perm, unique_indices=True)
+    return y.at[perm].get(mode='promise_in_bounds', unique_indices=True)
 
   def fwd(y):
     return permute(y), None
 
   def bwd(_, c):
-    return (jnp.take(c, inverse, unique_indices=True),)
+    return (c.at[inverse].get(mode='promise_in_bounds', unique_indices=True),)
 
   permute.defvjp(fwd, bwd)
   return permute(y)
