@@ -329,7 +329,7 @@ def lodo_preconditioner(num_layers: int = 16, block_size: int = 4, *, seed: int 
       if n == 0:
         continue
       dtype = jax.tree.leaves(wg)[0].dtype
-      x = jnp.concatenate([_replicate(leaves[i].reshape(-1)).astype(dtype) for i in group])
+      x = jnp.concatenate([_replicate(leaves[i]).reshape(-1).astype(dtype) for i in group])
       if architecture == 'network':
         y = _network_apply(wg, x, block_size, seed, stream)
       else:

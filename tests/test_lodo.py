@@ -334,3 +334,23 @@ def test_lodo_learns_to_beat_momentum_on_an_ill_conditioned_quadratic():
   _, apply = fop_optax.lodo_preconditioner(4, 4)
   p = L.preconditioner_matrix(apply, state.inner_state[0].preconditioner_params, n)
   assert float(jnp.abs(p - jnp.eye(n)).max()) > 0.1
+
+
+def test_sharded_parameters_on_four_devices():
+  """Under a mesh (explicit and auto axes) the weights are replicated, updates follow the params."""
+  import json
+  import os
+  import subprocess
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lodo_sharding_worker.py')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, worker], env=env, capture_output=True, text=True,
+                        timeout=600)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('REPORT ')]
+  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+  report = json.loads(lines[-1][len('REPORT '):])
+  assert report['devices'] == 4
+  for axis_type in ('Explicit', 'Auto'):
+    r = report[axis_type]
+    assert r['params'] == r['updates'] == "P(None, 'model')", r
+    assert r['weights_replicated'] and not r['state_sharding_changed'], r
+    assert r['max_diff'] < 1e-5, r
