@@ -56,7 +56,7 @@ GRIDS = {
     'lodo': [dict(lr=lr, meta_lr=m, beta=b) for lr, m, b in itertools.product(
         (0.3, 1.0, 3.0, 10.0), (1e-4, 1e-3), (0.2, 0.9))],
     'fop': [dict(lr=lr, hyper_lr=h, beta=b) for lr, h, b in itertools.product(
-        (0.3, 1.0, 3.0), (1e-4, 1e-3, 1e-2), (0.2, 0.9))],
+        (0.3, 1.0, 3.0, 10.0), (1e-4, 1e-3, 1e-2, 1e-1), (0.2, 0.9))],
     'pphd': [dict(lr=lr, beta=b) for lr, b in itertools.product((0.1, 0.3, 1.0, 3.0), (0.2, 0.9))],
     'adam': [dict(lr=lr, beta=b) for lr, b in itertools.product((0.01, 0.03, 0.1, 0.3, 1.0),
                                                                 (0.2, 0.9))],
