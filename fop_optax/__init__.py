@@ -3,9 +3,11 @@
 from fop_optax import curvature
 from fop_optax import diagnostics
 from fop_optax import hypergradient
+from fop_optax import learned
 from fop_optax import one_pass
 from fop_optax import structures
-from fop_optax.alias import adam_hd, fop, fop_adam, sgd_hd
+from fop_optax.learned import LearnedPreconditionerState, scale_by_learned_preconditioner
+from fop_optax.lodo import lodo_preconditioner, scale_by_lodo
 from fop_optax.one_pass import (OnePassHPOState, OnePassInjectedState, one_pass_hpo,
                                 one_pass_hpo_injected)
 from fop_optax.qlr import QlrState, adam_qlr, scale_by_qlr
@@ -14,13 +16,17 @@ from fop_optax.nonfinite import SkipNonFiniteState, skip_nonfinite
 from fop_optax.structures import resolve_structures
 from fop_optax.hypergradient import HypergradientState, scale_by_hypergradient
 from fop_optax.transform import FopState, scale_by_fop
+# Last: the alias ``lodo`` must win over the submodule of the same name.
+from fop_optax.alias import adam_hd, fop, fop_adam, lodo, sgd_hd
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'FopState', 'HypergradientState', 'OnePassHPOState', 'OnePassInjectedState', 'QlrState',
-    'SeriesSfnState', 'SkipNonFiniteState', 'adam_hd', 'adam_qlr', 'curvature', 'diagnostics',
-    'fop', 'fop_adam', 'hypergradient', 'one_pass', 'one_pass_hpo', 'one_pass_hpo_injected',
-    'resolve_structures', 'scale_by_fop', 'scale_by_hypergradient', 'scale_by_qlr', 'series_sfn',
-    'sgd_hd', 'skip_nonfinite', 'structures',
+    'FopState', 'HypergradientState', 'LearnedPreconditionerState', 'OnePassHPOState',
+    'OnePassInjectedState', 'QlrState', 'SeriesSfnState', 'SkipNonFiniteState', 'adam_hd',
+    'adam_qlr', 'curvature', 'diagnostics', 'fop', 'fop_adam', 'hypergradient', 'learned', 'lodo',
+    'lodo_preconditioner', 'one_pass', 'one_pass_hpo', 'one_pass_hpo_injected',
+    'resolve_structures', 'scale_by_fop', 'scale_by_hypergradient',
+    'scale_by_learned_preconditioner', 'scale_by_lodo', 'scale_by_qlr', 'series_sfn', 'sgd_hd',
+    'skip_nonfinite', 'structures',
 ]

@@ -17,8 +17,11 @@ from fop_optax import _checks
 from fop_optax import hypergradient
 from fop_optax import nonfinite
 from fop_optax import transform
+# The module fop_optax/lodo.py and this alias share a name: the package attribute
+# ``fop_optax.lodo`` is the alias (bound last in __init__); import from the module.
+from fop_optax.lodo import scale_by_lodo as _scale_by_lodo
 
-__all__ = ['fop', 'fop_adam', 'sgd_hd', 'adam_hd']
+__all__ = ['fop', 'fop_adam', 'sgd_hd', 'adam_hd', 'lodo']
 
 
 def _no_zero_momentum(momentum):
@@ -249,3 +252,52 @@ def adam_hd(
 for _f in (sgd_hd, adam_hd):
   _f.__doc__ = _f.__doc__.replace('RULES_DOC', _RULES_DOC)
 del _f
+
+
+def lodo(
+    learning_rate: optax.ScalarOrSchedule,
+    meta_learning_rate: float = 1e-3,
+    momentum: Optional[float] = 0.9,
+    num_layers: Optional[int] = None,
+    block_size: Optional[int] = None,
+    *,
+    meta_optimizer: Optional[optax.GradientTransformation] = None,
+    seed: Optional[int] = None,
+    architecture: str = 'network',
+    per_leaf: bool = False,
+    weight_dtype: Optional[Any] = None,
+    skip_nonfinite: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  """LODO (Liao et al., 2022): a learned preconditioner network on the momentum.
+
+  ``θ_t = θ_{t-1} − α·P(W_t)·m_t`` with ``m_t = β m_{t-1} + (1 − β) g_t`` and
+  ``P = EᵀAᵀAE`` a deep block-diagonal linear network trained online by Adam on
+  its one-step hypergradient (:func:`fop_optax.scale_by_lodo`).
+
+  Args:
+    learning_rate: ``α``, a float or an optax schedule (the reference's
+      default is 1.0; its experiments tuned it, e.g. 0.0846 for ResNet-18).
+    meta_learning_rate: Adam's learning rate for the network (1e-3).
+    momentum: ``β`` (0.9); ``None`` or 0 for none.
+    num_layers: ``L``; ``None`` for 16. (``None``, not an int default, so that
+      ``optax.inject_hyperparams`` leaves it static.)
+    block_size: ``b``; ``None`` for 4.
+    meta_optimizer: replaces ``optax.adam(meta_learning_rate, eps=1e-7)``.
+    seed: seeds the initialisation and permutations; ``None`` for 0.
+    architecture, per_leaf, weight_dtype: see :func:`fop_optax.scale_by_lodo`.
+    skip_nonfinite: skip steps with NaN/Inf gradients (see
+      :func:`fop_optax.skip_nonfinite`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Liao et al., `Learning to Optimize Quasi-Newton Methods
+    <https://arxiv.org/abs/2210.06171>`_, TMLR 2023
+  """
+  tx = _scale_by_lodo(
+      learning_rate, meta_learning_rate, momentum,
+      16 if num_layers is None else num_layers, 4 if block_size is None else block_size,
+      meta_optimizer=meta_optimizer, seed=0 if seed is None else seed,
+      architecture=architecture, per_leaf=per_leaf, weight_dtype=weight_dtype)
+  return _finish(optax.chain(tx, optax.scale_by_learning_rate(learning_rate)), skip_nonfinite)
