@@ -344,6 +344,7 @@ def bench_case(case: Case, args) -> list[dict[str, Any]]:
   txs.update(case.fops)
 
   step_runners, update_runners, memory, costs = {}, {}, {}, {}
+  biggest = max(p.size for p in jax.tree.leaves(params0))   # the leaf hlo_passes counts
   for name, make_tx in txs.items():
     tx = make_tx()
     for kind, runners in (('step', step_runners), ('update', update_runners)):
@@ -352,7 +353,6 @@ def bench_case(case: Case, args) -> list[dict[str, Any]]:
       memory[name] = _nbytes(box[1]) / _nbytes(params0)
       compiled = fn.lower(box[0], box[1], *((x, y) if kind == 'step' else (grads,))).compile()
       costs[name, kind] = _cost_of(compiled)
-      biggest = max(p.size for p in jax.tree.leaves(params0))
       costs[name, kind]['passes'] = hlo_passes(compiled.as_text(), biggest)
 
       def run(fn=fn, box=box, kind=kind):
@@ -381,7 +381,7 @@ def bench_case(case: Case, args) -> list[dict[str, Any]]:
       floor = 1 + fop_floor_flops(params0) / base_flops
     rows.append(dict(
         model=case.name, optimizer=name, base=base, batch=case.batch,
-        params=sum(p.size for p in jax.tree.leaves(params0)),
+        params=rows_params(params0),
         step_ms=1e3 * statistics.median(s), step_ms_min=1e3 * min(s), step_ms_max=1e3 * max(s),
         step_ratio=statistics.median(step_ratio), step_ratio_min=min(step_ratio),
         step_ratio_max=max(step_ratio),

@@ -13,9 +13,10 @@ import numbers
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ['check_number', 'check_rate']
+__all__ = ['check_number', 'check_rate', 'previous_step_rate']
 
 
 def _concrete(value: Any) -> Optional[np.ndarray]:
@@ -77,3 +78,18 @@ def check_rate(name: str, value: Any, *, allow_zero: bool = False, where: str = 
     name = f'{name} (a schedule) at step 0'
     allow_zero = True
   check_number(name, value, allow_zero=allow_zero, where=where)
+
+
+def previous_step_rate(learning_rate: Any, count: jax.Array, where: str = '') -> Any:
+  """``η`` of the step that produced ``θ_t``: a schedule is evaluated at the previous call's count.
+
+  The one-step online hypergradients (FOP, learned preconditioners) differentiate
+  ``θ_t = θ_{t−1} − η·(…)``, whose ``η`` is the previous call's. Raises
+  ``ValueError`` if ``η`` is not a scalar.
+  """
+  eta = learning_rate(jnp.maximum(count - 1, 0)) if callable(learning_rate) else learning_rate
+  if jnp.ndim(eta) != 0:
+    prefix = f'{where}: ' if where else ''
+    raise ValueError(f'{prefix}learning_rate must be a scalar (or a schedule returning one), '
+                     f'got shape {jnp.shape(eta)}')
+  return eta

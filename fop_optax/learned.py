@@ -201,15 +201,7 @@ def scale_by_learned_preconditioner(
 
   def update(updates, state, params=None, **extra_args):
     _check_tree_matches(_NAME, updates, state.last_input)
-    if callable(learning_rate):
-      # η of the step that produced θ_t, i.e. the previous call's.
-      eta = learning_rate(jnp.maximum(state.count - 1, 0))
-    else:
-      eta = learning_rate
-    if jnp.ndim(eta) != 0:
-      raise ValueError(
-          f'{_NAME}: learning_rate must be a scalar (or a schedule returning one), '
-          f'got shape {jnp.shape(eta)}')
+    eta = _checks.previous_step_rate(learning_rate, state.count, _NAME)
     w = state.preconditioner_params
 
     # ∂J(θ_t)/∂w_{t-1} = (∂ apply(w, u_{t-1})/∂w)ᵀ (−η g_t): one VJP.

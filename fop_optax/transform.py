@@ -262,14 +262,7 @@ def scale_by_fop(
     del params, extra_args
     _check_tree_matches('scale_by_fop', updates, state.last_gradient)
     structs = jax.tree.leaves(resolve(updates))
-    if callable(learning_rate):
-      # η of the step that produced θ_t, i.e. the previous call's.
-      eta = learning_rate(jnp.maximum(state.count - 1, 0))
-    else:
-      eta = learning_rate
-    if jnp.ndim(eta) != 0:
-      raise ValueError(
-          f'learning_rate must be a scalar (or a schedule returning one), got shape {jnp.shape(eta)}')
+    eta = _checks.previous_step_rate(learning_rate, state.count)
 
     # Leaves are processed as aligned lists: the matrices' tree has the params'
     # structure minus Flax Variable wrappers (see unwrapped_treedef).
