@@ -24,7 +24,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ['eigh', 'eigvalsh', 'cholesky']
+__all__ = ['eigh', 'eigvalsh', 'cholesky', 'qr']
 
 
 def _looped_under_vmap(fn: Callable) -> Callable:
@@ -63,3 +63,6 @@ eigvalsh.__doc__ = 'Eigenvalues of a symmetric matrix, ascending, looped under `
 cholesky = _looped_under_vmap(lambda p: jnp.linalg.cholesky(p))
 cholesky.__doc__ = ('Lower Cholesky factor (NaNs where ``p`` is not positive definite), '
                     'looped under ``vmap`` on CPU.')
+qr = _looped_under_vmap(lambda b: tuple(jnp.linalg.qr(b)))
+qr.__doc__ = ('``(Q, R)``: reduced Householder QR of a tall matrix (LAPACK ``geqrf``), looped '
+              'under ``vmap`` on CPU.')

@@ -47,7 +47,9 @@ step is ever more than ``B`` times the base optimiser's. ``full``/``spatial`` an
 Cholesky factorisation of ``B(1 + 10⁻⁵)·I − P`` proves ``λ_max ≤ B`` up to
 rounding, as it does after the projection of each hyper step, so a step costs
 one eigensolver per matrix at most; for ``low_rank`` the (2r×2r)
-eigenvalues of ``P`` on ``span(U, V)``, where ``P = I`` on the complement), and
+eigenvalues of ``P`` on ``span(U, V)``, where ``P = I`` on the complement: with
+``Q`` a Householder basis of ``[U, V]``, ``P̃ = I + Q·min(A, B − 1)·Qᵀ`` for
+``A = Qᵀ(P − I)Q``, applied with the same two passes over the gradient as ``P``), and
 their hypergradient is that of ``P̃`` (divided differences of ``min(·, B)``,
 Daleckii–Krein), so a clipped direction receives no push to grow further while
 the others keep learning. ``scalar``/``diagonal`` project ``m²`` onto ``[0, B]``.
@@ -215,6 +217,12 @@ def _expand_rows(w: jax.Array, z: jax.Array, like: jax.Array, row_axes: int) -> 
   rows, _, cols = _labels(like.ndim, row_axes)
   w = w.reshape(*like.shape[:row_axes], w.shape[-1])
   return jnp.einsum(f'{rows}z,z{cols}->{rows}{cols}', w, z, out_sharding=_spec(like))
+
+
+def _pair(z: jax.Array, y: jax.Array) -> jax.Array:
+  """``Z Yᵀ`` (k×l) of two ``(k, *columns)``, ``(l, *columns)`` products: sums over the columns."""
+  cols = 'mnopqrstuvwx'[:z.ndim - 1]
+  return jnp.einsum(f'z{cols},y{cols}->zy', z, y, out_sharding=_replicated())
 
 
 def as_matrix(x: jax.Array, row_axes: int) -> jax.Array:
@@ -557,39 +565,55 @@ class LowRank(Structure):
 
   @staticmethod
   def _basis(m):
-    """``(Q, Y)``: an orthonormal basis ``Q`` (a×2r) of a space holding ``span(U, V)``, ``Y = UVᵀQ``.
+    """``(Q, T)``: an orthonormal basis ``Q`` (a×k) of a space holding ``span(U, V)``, ``T = Qᵀ[U, V]``.
 
-    ``span(U, V)`` is invariant under ``P = MᵀM`` and ``P = I`` on its
-    complement, so ``P``'s eigenpairs other than 1 are those of
-    ``(MQ)ᵀ(MQ) = (Q + Y)ᵀ(Q + Y)`` (2r×2r), with eigenvectors ``Q·y``. ``Q``
-    comes from Gram–Schmidt (CGS2, :func:`_orthonormal_columns`) of ``[U, V]`` with unit-norm columns
-    (``M`` only depends on ``UVᵀ``, so ``U`` and ``V`` can differ in scale by orders
-    of magnitude): orthonormal to rounding also where ``[U, V]`` is numerically
-    rank-deficient (directions below ``√ε`` dropped). ``Q`` only serves the guard's
-    clip, which acts on eigenvalues above ``B`` (large, well-resolved directions);
-    ``P`` itself is applied exactly from ``U, V`` (see ``_factors``), so a dropped
-    direction never changes ``P·G``. (XLA:CPU's QR of a 784×16 matrix took 50–120 ms,
-    and batched under ``vmap`` it can deadlock; see ``_linalg``.)
+    ``span(U, V)`` is invariant under ``P = MᵀM`` and ``P = I`` on its complement,
+    so ``P``'s eigenpairs other than 1 are those of ``Qᵀ P Q`` (k×k), with
+    eigenvectors ``Q·y``. ``Q`` is the Householder QR (LAPACK) of ``[U, V]`` with
+    unit-norm columns (``M`` only depends on ``UVᵀ``, so ``U`` and ``V`` can differ in
+    scale by orders of magnitude): orthonormal to rounding and spanning every column
+    to rounding, also where ``[U, V]`` is rank-deficient (``V = 0`` at the start, or
+    of rank one after Adam's sign-like first steps), where its extra columns are
+    directions with ``P = I``. ``[U, V] = Q T`` with ``T = R·diag(‖column‖)``, so every
+    other small matrix of the guard comes from ``T`` without another pass over the
+    (a×2r) factors. ``k = 2r``, or ``Q = I`` (``k = a``) when ``2r ≥ a``.
+    (CGS2 in a ``fori_loop`` took 0.5–1 ms for a 1024×16 matrix on XLA:CPU, where
+    each iteration's small products pay a fixed cost; the QR takes 0.15–0.3 ms.)
     """
-    u, v = m[0], m[1]
-    if 2 * u.shape[1] >= u.shape[0]:   # span(U, V) may be everything: take Q = I
-      q = jnp.eye(u.shape[0], dtype=m.dtype)
-    else:
-      b = jnp.concatenate([u, v], axis=1)
-      d = jnp.sqrt(jnp.sum(jnp.square(b), axis=0))
-      q = _orthonormal_columns(b / jnp.where(d > 0, d, 1.0))
-    return q, u @ (v.T @ q)
+    b = jnp.concatenate([m[0], m[1]], axis=1)
+    if b.shape[1] >= b.shape[0]:   # span(U, V) may be everything: take Q = I
+      return jnp.eye(b.shape[0], dtype=m.dtype), b
+    d = jnp.sqrt(jnp.sum(jnp.square(b), axis=0))
+    q, r = _linalg.qr(b / jnp.where(d > 0, d, 1.0))
+    return q, r * d
+
+  @staticmethod
+  def _core(t, c=1.0):
+    """``A = Qᵀ(P − I)Q = c(T_U T_Vᵀ + T_V T_Uᵀ) + c² T_V (UᵀU) T_Vᵀ`` for ``M = I + c·UVᵀ``.
+
+    ``P − I = UVᵀ + VUᵀ + V(UᵀU)Vᵀ`` with ``[U, V] = Q T``; ``UᵀU = T_Uᵀ T_U``. Formed
+    without the ``I`` it is added to, so small eigenvalues keep their precision.
+    """
+    r = t.shape[1] // 2
+    tu, tv = t[:, :r], t[:, r:]
+    cross = c * (tu @ tv.T)
+    a = cross + cross.T + (c * c) * (tv @ ((tu.T @ tu) @ tv.T))
+    return 0.5 * (a + a.T)
+
+  def _span(self, m):
+    """``(Q, T, μ, W)``: ``P = I + Q (W diag(μ) Wᵀ) Qᵀ`` with ``Q, T`` from :meth:`_basis`.
+
+    ``μ`` (ascending) and ``W`` are the eigenpairs of :meth:`_core`; ``P``'s
+    eigenvalues on ``span(Q)`` are ``1 + μ`` with eigenvectors ``Φ = Q W``.
+    """
+    q, t = self._basis(m)
+    mu, w = _linalg.eigh(self._core(t))
+    return q, t, mu, w
 
   def _eigen(self, m):
-    """``(λ, Φ)``: ``P``'s eigenvalues on ``span(Q)`` (ascending) and unit eigenvectors (a×2r).
-
-    Zero columns of ``Q`` get eigenvalue 1 and a zero eigenvector.
-    """
-    q, y = self._basis(m)
-    mq = q + y
-    empty = (jnp.sum(jnp.square(q), axis=0) == 0).astype(m.dtype)
-    lam, w = _linalg.eigh(mq.T @ mq + jnp.diag(empty))
-    return lam, q @ w
+    """``(λ, Φ)``: ``P``'s eigenvalues on ``span(Q)`` (ascending) and unit eigenvectors (a×k)."""
+    q, _, mu, w = self._span(m)
+    return 1 + mu, q @ w
 
   def _top(self, m):
     """``(λ_max(P), v)``: ``v`` its unit eigenvector in ``span(U, V)``, or 0 where ``λ_max = 1``.
@@ -611,10 +635,9 @@ class LowRank(Structure):
     lam, v = self._top(m)
     return 1.0 / lam, lam, v
 
-  def _clipping(self, m):
-    """``(Φ, λ, excess)`` of the guard: ``P̃ = P − Φ diag(excess) Φᵀ``, ``excess = (λ − B)₊``."""
-    lam, phi = self._eigen(m)
-    return phi, lam, jnp.maximum(lam - self.max_scale, 0.0)
+  def _clipped_core(self, mu, w):
+    """``W diag(min(μ, B − 1)) Wᵀ``: the guard's ``P̃ = I + Q (·) Qᵀ``, ``λ(P̃) = min(λ(P), B)``."""
+    return (w * jnp.minimum(mu, self.max_scale - 1)) @ w.T
 
   @property
   def _clips(self):
@@ -635,18 +658,19 @@ class LowRank(Structure):
     return jnp.concatenate([u, v], axis=1), jnp.concatenate([v, mtu], axis=1)
 
   def precondition(self, m, g):
-    s, _, _ = self._scale(m)
-    left, right = self._factors(m)
     x = g.astype(m.dtype)
     rows = self.row_axes
+    if self._clips and not self._empty(m):
+      # P̃·G = G + Q (core (QᵀG)): the same two passes over G as P·G below, and
+      # λ_max(P̃) ≤ B by construction (Q orthonormal), whatever the rounding in Q.
+      q, _, mu, w = self._span(m)
+      core = self._clipped_core(mu, w)
+      z = jnp.tensordot(core, _contract_rows(q, x, rows), 1)
+      return (x + _expand_rows(q, z, x, rows)).astype(g.dtype)
+    s, _, _ = self._scale(m)
+    left, right = self._factors(m)
     # P·G = G + L (Rᵀ G): two (a×2r)-wide products, each one pass over G.
     out = s * (x + _expand_rows(left, _contract_rows(right, x, rows), x, rows))
-    if self._clips and not self._empty(m):
-      phi, _, excess = self._clipping(m)
-      out = jax.lax.cond(
-          jnp.any(excess > 0),
-          lambda o: o - _expand_rows(phi, _scale_rows(excess, _contract_rows(phi, x, rows)), x, rows),
-          lambda o: o, out)
     return out.astype(g.dtype)
 
   def hypergradient(self, m, g, g_prev, learning_rate):
@@ -657,14 +681,12 @@ class LowRank(Structure):
     # ∂J/∂U = H V = −η M (S V) and ∂J/∂V = Hᵀ U = −η S (Mᵀ U); with
     # X = [V, MᵀU] both come from S X = G_t (G_pᵀ X) + G_p (G_tᵀ X).
     left, x = self._factors(m)
-    xgp = _contract_rows(x, gp, rows)
-    sx = _contract_cols(gt, xgp, rows) + _contract_cols(gp, _contract_rows(x, gt, rows), rows)
     r = u.shape[1]
     if self._clips and not self._empty(m):
-      clipping = self._clipping(m)   # one basis and eigensolver, shared with the correction
-      sx = jax.lax.cond(jnp.any(clipping[2] > 0),
-                        lambda sx: sx - self._clip_correction(clipping, gt, gp, x),
-                        lambda sx: sx, sx)
+      sx = self._clipped_sx(m, gt, gp)
+    else:
+      xgp = _contract_rows(x, gp, rows)
+      sx = _contract_cols(gt, xgp, rows) + _contract_cols(gp, _contract_rows(x, gt, rows), rows)
     du, dv = self._m(m, sx[:, :r]), sx[:, r:]
     s, lam, top = self._scale(m)
     if self.normalize:
@@ -677,39 +699,44 @@ class LowRank(Structure):
       dv = dv - (2 * cp / lam) * jnp.outer(top, mv @ u)
     return -learning_rate * s * jnp.stack([du, dv])
 
-  def _clip_correction(self, clipping, gt, gp, x):
-    """``(Δ + Δᵀ) X``: the guard's change to ``S X`` (see ``hypergradient``).
+  def _clipped_sx(self, m, gt, gp):
+    """``(Z + Zᵀ) X`` for the guard's ``P̃ = f(P)``, ``f = min(·, B)``, ``Z = ∂⟨C, f(P)⟩/∂P``.
 
-    With the clip ``P̃ = f(P)``, ``f = min(·, B)``, ``∂⟨C, f(P)⟩/∂P = Z = C − Δ``
-    (Daleckii–Krein in ``P``'s eigenbasis ``[Φ, Ω]``, ``Ω`` the complement where
-    ``P = I``): ``Δ = Φ A Φᵀ + Q₁ D Φᵀ + Φ D Q₂ᵀ`` with ``A = (1 − L) ∘ ΦᵀCΦ`` (``L``
-    the divided differences of ``f`` on ``span(U, V)``), ``D = diag((λ − B)₊/(λ − 1))``
+    ``C = G_t G_pᵀ`` (never formed). Daleckii–Krein in ``P``'s eigenbasis
+    ``[Φ, Ω]`` (``Φ = QW`` on ``span(Q)``, ``Ω`` the complement where ``P = I``):
+    ``Z = C − Δ``, ``Δ = Φ A Φᵀ + Q₁ D Φᵀ + Φ D Q₂ᵀ`` with ``A = (1 − L) ∘ ΦᵀCΦ``
+    (``L`` the divided differences of ``f`` on ``1 + μ``), ``D = diag((λ − B)₊/(λ − 1))``
     (one minus the divided difference between ``λ`` and the complement's 1),
-    ``Q₁ = (I − ΦΦᵀ) C Φ`` and ``Q₂ = (I − ΦΦᵀ) Cᵀ Φ``. ``S X`` becomes ``S X − (Δ + Δᵀ) X``.
+    ``Q₁ = (I − ΦΦᵀ) C Φ`` and ``Q₂ = (I − ΦΦᵀ) Cᵀ Φ``. ``X = [V, MᵀU]`` lies in
+    ``span(Q)`` (``X = Q X̃``), so ``(I − ΦΦᵀ)X = 0`` and every product with ``G_t``
+    or ``G_p`` goes through ``QᵀG_t``, ``QᵀG_p``, ``CQ`` and ``CᵀQ``: four passes, as
+    without the guard.
     """
     rows = self.row_axes
-    phi, lam, _ = clipping
-    c_phi = _contract_cols(gt, _contract_rows(phi, gp, rows), rows)    # C Φ
-    ct_phi = _contract_cols(gp, _contract_rows(phi, gt, rows), rows)   # Cᵀ Φ
-    phi_c_phi = phi.T @ c_phi                                           # Φᵀ C Φ
-    a = (1 - _divided_differences(lam, self.max_scale)) * phi_c_phi
+    q, t, mu, w = self._span(m)
+    lam = 1 + mu
+    tt, tp = _contract_rows(q, gt, rows), _contract_rows(q, gp, rows)   # QᵀG_t, QᵀG_p
+    cq, ctq = _contract_cols(gt, tp, rows), _contract_cols(gp, tt, rows)   # C Q, Cᵀ Q
+    qcq = _pair(tt, tp)                                                    # Qᵀ C Q
+    r = t.shape[1] // 2
+    tu, tv = t[:, :r], t[:, r:]
+    xt = jnp.concatenate([tv, tu + tv @ (tu.T @ tu)], axis=1)              # X̃ = QᵀX
+    fx = w.T @ xt                                                          # Φᵀ X
+    a = (1 - _divided_differences(lam, self.max_scale)) * (w.T @ qcq @ w)   # on ΦᵀCΦ
     snapped = _snap(lam, self.max_scale)
     d = jnp.where(snapped > self.max_scale,
                   (snapped - self.max_scale) / jnp.where(snapped > 1, snapped - 1, 1.0), 0.0)
-    q1 = c_phi - phi @ phi_c_phi
-    q2 = ct_phi - phi @ phi_c_phi.T
-    f = phi.T @ x
-    delta_x = phi @ (a @ f) + q1 @ (d[:, None] * f) + phi @ (d[:, None] * (q2.T @ x))
-    delta_t_x = phi @ (a.T @ f) + phi @ (d[:, None] * (q1.T @ x)) + q2 @ (d[:, None] * f)
-    return delta_x + delta_t_x
+    dfx = w @ (d[:, None] * fx)
+    # (C + Cᵀ)X − (Δ + Δᵀ)X = (CQ + CᵀQ)(X̃ − W D ΦᵀX) + Q[(QᵀCQ + QᵀCᵀQ) W D ΦᵀX − W (A + Aᵀ) ΦᵀX].
+    return (cq + ctq) @ (xt - dfx) + q @ ((qcq + qcq.T) @ dfx - w @ ((a + a.T) @ fx))
 
   def matrix(self, m, shape):
     mm = self._m(m, jnp.eye(m.shape[1], dtype=m.dtype))
     s, _, _ = self._scale(m)
     p = s * (mm.T @ mm)
     if self._clips and not self._empty(m):
-      phi, _, excess = self._clipping(m)
-      p = p - (phi * excess) @ phi.T
+      q, _, mu, w = self._span(m)
+      return jnp.eye(q.shape[0], dtype=q.dtype) + q @ self._clipped_core(mu, w) @ q.T
     return p
 
   def top_eigen(self, m):
@@ -744,13 +771,10 @@ class LowRank(Structure):
       return m
     u, v = m[0], m[1]
     bound = _STATE_BOUND_FACTOR * jnp.asarray(max_scale, m.dtype)
-    q, y = self._basis(m)
-    # P on span(Q) for M(c) = I + c·UVᵀ: (Q + cY)ᵀ(Q + cY) = I + c(QᵀY + YᵀQ) + c²YᵀY.
-    qy, yy = q.T @ y, y.T @ y
-    eye = jnp.diag((jnp.sum(jnp.square(q), axis=0) == 0).astype(m.dtype)) + q.T @ q
+    _, t = self._basis(m)
 
-    def lam(c):
-      return _linalg.eigvalsh(eye + c * (qy + qy.T) + c * c * yy)[-1]
+    def lam(c):   # λ_max(M(c)ᵀM(c)) for M(c) = I + c·UVᵀ (on span(Q); 1 on the complement)
+      return 1 + _linalg.eigvalsh(self._core(t, c))[-1]
 
     def shrink(_):
       def body(_, lo_hi):
