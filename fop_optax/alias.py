@@ -33,7 +33,7 @@ def _no_zero_momentum(momentum):
 
 
 def _finish(tx, skip_nonfinite: bool):
-  return nonfinite.skip_nonfinite(tx) if skip_nonfinite else tx
+  return nonfinite.for_alias(tx, skip_nonfinite)
 
 
 def _fop_then(base, learning_rate, hyper_learning_rate, hyper_optimizer, structures,

@@ -278,4 +278,4 @@ def adam_qlr(
       initial_damping=initial_damping, damping_decrease=damping_decrease,
       damping_increase=damping_increase, min_damping=min_damping, saddle_free=saddle_free,
       max_step_size=max_step_size, step_size_scale=step_size_scale, damping_rule=damping_rule)
-  return nonfinite.skip_nonfinite(tx) if skip_nonfinite else tx
+  return nonfinite.for_alias(tx, skip_nonfinite)

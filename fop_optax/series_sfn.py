@@ -443,4 +443,4 @@ def series_sfn(
     )
 
   tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-  return nonfinite.skip_nonfinite(tx) if skip_nonfinite else tx
+  return nonfinite.for_alias(tx, skip_nonfinite)

@@ -222,10 +222,9 @@ def test_baydin_additive_rule_blows_up_where_the_default_does_not():
   """Why 'additive' is not the default: Baydin's β=1e-3 sends SGD-HD to garbage on Rosenbrock.
 
   Measured: final error 1e12-4e26 with α negative, for all three α_0. The issue's second
-  trap is visible now: skip_nonfinite warns that the run only skips.
+  trap is visible: a run that only skips lets its NaNs through after 100 skips in a row
+  (the aliases' skip_nonfinite), so the final iterate is not finite or far off.
   """
-  with pytest.warns(fop_optax.nonfinite.NonFiniteStepsWarning, match='in a row'):
-    final = _final(lambda a: fop_optax.sgd_hd(a, rule='additive'), ROSENBROCK)
-    jax.effects_barrier()
+  final = _final(lambda a: fop_optax.sgd_hd(a, rule='additive'), ROSENBROCK)
   err = np.max(np.abs(final - 1.0), axis=1)
   assert np.all(~np.isfinite(err) | (err > 1e3)), err
