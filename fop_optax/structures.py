@@ -285,6 +285,16 @@ class Structure:
     del max_scale
     return m
 
+  def clip_and_precondition(self, m: jax.Array, max_scale: float,
+                            g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(clip(m, max_scale), precondition(clipped m, g))``, sharing what both need.
+
+    The hyper step's projection and the step's preconditioning act on the same
+    new ``M``; ``low_rank`` computes its span basis once for both.
+    """
+    m = self.clip(m, max_scale)
+    return m, self.precondition(m, g)
+
   def with_bound(self, max_scale: float | None) -> 'Structure':
     """This structure with the guard ``max_scale`` if it bounds ``P`` where it is applied.
 
@@ -661,17 +671,22 @@ class LowRank(Structure):
     x = g.astype(m.dtype)
     rows = self.row_axes
     if self._clips and not self._empty(m):
-      # P̃·G = G + Q (core (QᵀG)): the same two passes over G as P·G below, and
-      # λ_max(P̃) ≤ B by construction (Q orthonormal), whatever the rounding in Q.
       q, _, mu, w = self._span(m)
-      core = self._clipped_core(mu, w)
-      z = jnp.tensordot(core, _contract_rows(q, x, rows), 1)
-      return (x + _expand_rows(q, z, x, rows)).astype(g.dtype)
+      return self._clipped_apply(q, mu, w, g)
     s, _, _ = self._scale(m)
     left, right = self._factors(m)
     # P·G = G + L (Rᵀ G): two (a×2r)-wide products, each one pass over G.
     out = s * (x + _expand_rows(left, _contract_rows(right, x, rows), x, rows))
     return out.astype(g.dtype)
+
+  def _clipped_apply(self, q, mu, w, g):
+    """``P̃·G = G + Q (W min(μ, B − 1) Wᵀ)(QᵀG)``: the same two passes over ``G`` as ``P·G``.
+
+    ``λ_max(P̃) ≤ B`` by construction (``Q`` orthonormal), whatever the rounding in ``Q``.
+    """
+    x = g.astype(q.dtype)
+    z = jnp.tensordot(self._clipped_core(mu, w), _contract_rows(q, x, self.row_axes), 1)
+    return (x + _expand_rows(q, z, x, self.row_axes)).astype(g.dtype)
 
   def hypergradient(self, m, g, g_prev, learning_rate):
     gt, gp = g.astype(m.dtype), g_prev.astype(m.dtype)
@@ -763,17 +778,29 @@ class LowRank(Structure):
     # The applied P is clipped at B (precondition); this keeps the raw M = I + UVᵀ
     # within λ_max(MᵀM) ≤ 2B, so that clipping stays accurate in float32 and an
     # adaptive hyper-optimiser cannot drift UVᵀ far into the clipped region
-    # (clipping M's singular values exactly is not possible in rank r). It shrinks
-    # UVᵀ to c·UVᵀ with the largest c ∈ [0, 1] meeting the bound: ‖M(c)‖₂² is
-    # convex in c with value 1 at c = 0, so such c form an interval [0, c*] and
-    # bisection keeps its feasible end. Skipped (c = 1) within the bound.
+    # (clipping M's singular values exactly is not possible in rank r).
     if self._empty(m):
       return m
-    u, v = m[0], m[1]
-    bound = _STATE_BOUND_FACTOR * jnp.asarray(max_scale, m.dtype)
-    _, t = self._basis(m)
+    return jnp.stack([m[0], self._shrink(self._basis(m)[1], max_scale) * m[1]])
 
-    def lam(c):   # λ_max(M(c)ᵀM(c)) for M(c) = I + c·UVᵀ (on span(Q); 1 on the complement)
+  def clip_and_precondition(self, m, max_scale, g):
+    if self._empty(m) or not self._clips:
+      return super().clip_and_precondition(m, max_scale, g)
+    # One basis for both: shrinking V to c·V leaves span(U, V), and so Q, as it is.
+    q, t = self._basis(m)
+    c = self._shrink(t, max_scale)
+    mu, w = _linalg.eigh(self._core(t, c))
+    return jnp.stack([m[0], c * m[1]]), self._clipped_apply(q, mu, w, g)
+
+  def _shrink(self, t, max_scale):
+    """The largest ``c ∈ [0, 1]`` with ``λ_max(M(c)ᵀM(c)) ≤ 2B`` for ``M(c) = I + c·UVᵀ`` (1 within it).
+
+    ``‖M(c)‖₂²`` is convex in ``c`` with value 1 at ``c = 0``, so such ``c`` form an
+    interval ``[0, c*]`` and bisection (``_BISECTION_STEPS``) keeps its feasible end.
+    """
+    bound = _STATE_BOUND_FACTOR * jnp.asarray(max_scale, t.dtype)
+
+    def lam(c):   # λ_max(M(c)ᵀM(c)) on span(Q); 1 on the complement
       return 1 + _linalg.eigvalsh(self._core(t, c))[-1]
 
     def shrink(_):
@@ -783,12 +810,11 @@ class LowRank(Structure):
         ok = lam(mid) <= bound
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
       lo, _ = jax.lax.fori_loop(0, _BISECTION_STEPS, body,
-                                (jnp.zeros((), m.dtype), jnp.ones((), m.dtype)))
+                                (jnp.zeros((), t.dtype), jnp.ones((), t.dtype)))
       return lo
 
-    c = jax.lax.cond(lam(jnp.ones((), m.dtype)) > bound, shrink,
-                     lambda _: jnp.ones((), m.dtype), None)
-    return jnp.stack([u, c * v])
+    return jax.lax.cond(lam(jnp.ones((), t.dtype)) > bound, shrink,
+                        lambda _: jnp.ones((), t.dtype), None)
 
 
 def _top_eigenpair(p):

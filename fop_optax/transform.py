@@ -277,6 +277,24 @@ def scale_by_fop(
       cp = jnp.vdot(g.astype(m.dtype), s.precondition(m, gp).astype(m.dtype))
       return s.hypergradient(m, g, gp, eta / gam) + (eta * d * cp / gam ** 2) * dlam
 
+    def precondition(s, m, g):
+      if gamma is None or isinstance(s, structures_lib.NoPreconditioner):
+        return s.precondition(m, g)
+      gam, _ = gamma_at(state.count, s.top_eigen(m)[0])
+      return (s.precondition(m, g) / gam.astype(m.dtype)).astype(g.dtype)
+
+    def project_and_precondition(s, m, g):
+      # The projection of the hyper step and the preconditioning with its result
+      # share their work (low rank: one span basis); each structure's own bound
+      # (set from max_scale by resolve_structures, or given).
+      bound = _bound(s, max_scale)
+      if bound is None:
+        return m, precondition(s, m, g)
+      if gamma is not None:   # a structure's own bound under γ: P̃ = clipped P / γ
+        m = s.clip(m, bound)
+        return m, precondition(s, m, g)
+      return s.clip_and_precondition(m, bound, g)
+
     def hyper_step(operand):
       old_ms, old_hyper_state = operand
       hypergrads = m_def.unflatten(_replicate_matrices(structs, [
@@ -289,32 +307,26 @@ def scale_by_fop(
             u * s.hyper_step_scale(tuple(g.shape))
             for s, u, g in zip(structs, jax.tree.leaves(hyper_updates), gs)])
       new_ms = optax.apply_updates(old_ms, hyper_updates)
-      # Each structure's own bound (set from max_scale by resolve_structures, or given).
-      new_ms = m_def.unflatten(_replicate_matrices(structs, [
-          m if _bound(s, max_scale) is None else s.clip(m, _bound(s, max_scale))
-          for s, m in zip(structs, jax.tree.leaves(new_ms))]))
-      return new_ms, hyper_state
+      pairs = [project_and_precondition(s, m, g)
+               for s, m, g in zip(structs, jax.tree.leaves(new_ms), gs)]
+      new_ms = m_def.unflatten(_replicate_matrices(structs, [m for m, _ in pairs]))
+      return new_ms, hyper_state, [out for _, out in pairs]
+
+    def keep(operand):
+      ms, hyper_state = operand
+      return ms, hyper_state, [precondition(s, m, g)
+                               for s, m, g in zip(structs, jax.tree.leaves(ms), gs)]
 
     # The first call has no previous step to learn from; with update_every = k only
     # calls k, 2k, ... learn. lax.cond: the skipped calls do none of the work.
     learn = state.count > 0
     if every > 1:
       learn = learn & (state.count % every == 0)
-    preconditioners, hyper_state = jax.lax.cond(
-        learn, hyper_step, lambda operand: operand,
-        (state.preconditioners, state.hyper_state))
+    preconditioners, hyper_state, outs = jax.lax.cond(
+        learn, hyper_step, keep, (state.preconditioners, state.hyper_state))
     preconditioners = m_def.unflatten(
         _replicate_matrices(structs, jax.tree.leaves(preconditioners)))
-
-    def precondition(s, m, g):
-      if gamma is None or isinstance(s, structures_lib.NoPreconditioner):
-        return s.precondition(m, g)
-      gam, _ = gamma_at(state.count, s.top_eigen(m)[0])
-      return (s.precondition(m, g) / gam.astype(m.dtype)).astype(g.dtype)
-
-    new_updates = jax.tree.structure(updates).unflatten([
-        precondition(s, m, g)
-        for s, m, g in zip(structs, jax.tree.leaves(preconditioners), gs)])
+    new_updates = jax.tree.structure(updates).unflatten(outs)
     return new_updates, FopState(
         count=numerics.safe_increment(state.count),
         preconditioners=preconditioners,
