@@ -210,6 +210,12 @@ def cases(args) -> list[Case]:
       Case('mlp256_settings', mlp((784, 256, 256, 10)), 128, {
           f'fop r={r} k={k}': (lambda r=r, k=k: fop_optax.fop(LR, rank=r, update_every=k))
           for r, k in ((8, 1), (4, 1), (8, 4), (4, 4), (4, 8), (2, 8))}),
+      # Where the default rule should switch from full to low rank (max_full_dim).
+      *[Case(f'dense{a}_switch', dense(a), 128, {
+          'fop full': lambda a=a: fop_optax.fop(LR, max_full_dim=a),
+          'fop low_rank r=8': lambda a=a: fop_optax.fop(LR, max_full_dim=a - 1),
+          'fop low_rank r=4': lambda a=a: fop_optax.fop(LR, max_full_dim=a - 1, rank=4)})
+        for a in (16, 32, 64, 128)],
   ]
 
 

@@ -112,7 +112,8 @@ def run_one(spec, data, model_fn, args, seed):
   _, kw = parse_optimizer(spec)
   normalize = kw.get('normalize', spec.startswith('fop_norm'))
   # Read the state with the structures the transformation used (its guard included).
-  rule = dict(normalize=normalize, max_scale=kw.get('max_scale', fop_optax.transform.DEFAULT_MAX_SCALE))
+  rule = dict(normalize=normalize, max_scale=kw.get('max_scale', fop_optax.transform.DEFAULT_MAX_SCALE),
+              max_full_dim=kw.get('max_full_dim'), rank=kw.get('rank'))
 
   @jax.jit
   def train_step(params, state, x, y):

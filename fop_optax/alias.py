@@ -76,7 +76,7 @@ def fop(
     hyper_optimizer: replaces ``optax.adam(hyper_learning_rate)``.
     structures: per-leaf structures, see :func:`fop_optax.scale_by_fop`.
     normalize: FOP-norm (``P`` only rotates).
-    max_full_dim: default rule's size limit for full matrices (default 64).
+    max_full_dim: default rule's size limit for full matrices (default 32).
     rank: rank of low-rank preconditioners (default 8).
     skip_nonfinite: skip steps with NaN/Inf gradients (see
       :func:`fop_optax.skip_nonfinite`).

@@ -62,7 +62,7 @@ layer's name and that layer's siblings; a Flax NNX ``Variable``'s trailing
 ``.value`` is dropped) and its shape, as :func:`leaf_role` reports it. Below,
 "dense over ``k`` axes" means rows = the leaf's first ``k`` axes, ``a`` their
 product: ``full`` (``Full(row_axes=k)``) when ``a ≤ max_full_dim`` (default
-64), else ``low_rank`` (``LowRank(rank, row_axes=k)``).
+32), else ``low_rank`` (``LowRank(rank, row_axes=k)``).
 
 =====================================  ====================================  =========================
 leaf                                   role                                  default structure
@@ -921,7 +921,10 @@ _BY_NAME: dict[str, Callable[[], Structure]] = {
 STRUCTURE_NAMES: tuple[str, ...] = ('auto',) + tuple(_BY_NAME)
 
 
-DEFAULT_MAX_FULL_DIM = 64
+# Rows up to which the default rule takes a full M: the measured step-cost crossover with
+# rank-8 low rank (docs/benchmarks.md §6: full 1.62/2.08/2.30/4.84 x momentum at 16/32/64/128
+# rows, low rank 1.85/2.29/1.74/2.05), at equal accuracy on digits.
+DEFAULT_MAX_FULL_DIM = 32
 # The guard's default bound on λ_max(P): FOP never lengthens the base step along any
 # direction (measured in docs/stability.md: larger bounds degrade or wreck long runs).
 DEFAULT_MAX_SCALE = 1.0
@@ -1024,7 +1027,8 @@ def default_structure(shape: Shape, role: str = 'other', *, max_full_dim: int | 
     shape: the leaf's shape.
     role: what the leaf is, one of ``ROLES`` (:func:`leaf_role`); ``'other'``
       (the default) applies the shape-only rule.
-    max_full_dim: largest row count that gets a dense ``M`` (default 64).
+    max_full_dim: largest row count that gets a dense ``M`` (default 32: above it
+      low rank is the cheaper step on CPU, docs/benchmarks.md §6).
     rank: rank of ``low_rank`` (default 8).
     normalize: FOP-norm for the structure chosen.
   """

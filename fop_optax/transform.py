@@ -163,7 +163,7 @@ def scale_by_fop(
       :class:`~fop_optax.structures.Structure` for all leaves, a pytree prefix
       of the params with such leaves, or a callable ``params -> such a tree``.
     max_full_dim: default rule: a dense kernel ``(in, out)`` gets a full
-      ``in×in`` matrix when ``in <= max_full_dim`` (default 64), a low-rank
+      ``in×in`` matrix when ``in <= max_full_dim`` (default 32), a low-rank
       one otherwise. ``None`` (not an int default) so that
       ``optax.inject_hyperparams`` leaves it static.
     rank: rank of the low-rank form (default 8).

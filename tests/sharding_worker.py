@@ -36,7 +36,7 @@ def init_params(key):
       'conv': {'kernel': 0.3 * jax.random.normal(k[0], (3, 3, 4, 16)), 'bias': jnp.zeros((16,))},
       'd1': {'kernel': 0.2 * jax.random.normal(k[1], (16, 128)), 'bias': jnp.zeros((128,))},
       'd2': {'kernel': 0.1 * jax.random.normal(k[2], (128, 10)), 'bias': jnp.zeros((10,))},
-  }  # spatial, full (16 <= 64) and low-rank (128 > 64) preconditioners
+  }  # spatial, full (16 <= 32) and low-rank (128 > 32) preconditioners
 
 
 def _batch_sharded():

@@ -66,7 +66,8 @@ def test_block_leaves_get_the_documented_structures():
       'attn/key/bias': S.NoPreconditioner(), 'attn/value/bias': S.NoPreconditioner(),
       'attn/out/bias': S.NoPreconditioner(),
       'mlp_in/kernel': full1, 'mlp_in/bias': S.NoPreconditioner(),   # (32, 64)
-      'mlp_out/kernel': full1, 'mlp_out/bias': S.NoPreconditioner(),  # (64, 32): 64 <= 64
+      'mlp_out/kernel': S.LowRank(rank=8, row_axes=1),                 # (64, 32): 64 > 32
+      'mlp_out/bias': S.NoPreconditioner(),
       'head/kernel': full1, 'head/bias': S.NoPreconditioner(),
       'conv/kernel': S.Spatial(), 'conv/bias': S.NoPreconditioner(),  # (3, 32, 32)
   }
@@ -90,7 +91,7 @@ def test_wide_block_has_no_big_matrices():
   for name in ('query', 'key', 'value', 'out'):
     assert shapes[f'attn/{name}/kernel'] == (2, d, 8)
   assert shapes['embed/embedding'] == ()
-  assert shapes['mlp_out/kernel'] == (HIDDEN, HIDDEN)   # (64, 512): 64 rows, full
+  assert shapes['mlp_out/kernel'] == (2, HIDDEN, 8)   # (64, 512): 64 rows > 32, low rank
   assert max(np.prod(s) for s in shapes.values()) == 2 * d * 8   # nothing near 512²
 
 
@@ -139,11 +140,12 @@ def test_unnamed_leaves_fall_back_to_shape():
   params = (jax.ShapeDtypeStruct((512, 8, 64), jnp.float32),
             jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32),
             jax.ShapeDtypeStruct((1000, 64), jnp.float32),
-            jax.ShapeDtypeStruct((64, 3), jnp.float32),
-            jax.ShapeDtypeStruct((10,), jnp.float32))
+            jax.ShapeDtypeStruct((32, 3), jnp.float32),
+            jax.ShapeDtypeStruct((10,), jnp.float32),
+            jax.ShapeDtypeStruct((33, 3), jnp.float32))
   assert fop_optax.resolve_structures(params, max_scale=None) == (
       S.LowRank(row_axes=1), S.Spatial(), S.LowRank(row_axes=1), S.Full(row_axes=1),
-      S.NoPreconditioner())
+      S.NoPreconditioner(), S.LowRank(row_axes=1))   # full up to max_full_dim = 32 rows
   assert fop_optax.resolve_structures(params, max_full_dim=512, max_scale=None)[0] == S.Full(row_axes=1)
 
 
