@@ -43,11 +43,17 @@ Run: ``python benchmarks/overhead.py`` (about 3–5 minutes on 2 CPU cores).
 
 from __future__ import annotations
 
+import os
+
+# Single-threaded OpenBLAS (before jax/scipy load it; an explicit setting wins): jaxlib's CPU QR
+# runs on SciPy's OpenBLAS, whose threads stall the guard's QR when the cores are busy
+# (docs/troubleshooting.md). Recorded in the results' meta.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
 import argparse
 import dataclasses
 import json
 import math
-import os
 import platform
 import re
 import statistics
@@ -451,6 +457,7 @@ def main(argv=None):
       print(f'[{case.name} done, {time.perf_counter() - t0:.0f}s]', file=sys.stderr, flush=True)
   print(format_table(rows))
   meta = dict(backend=jax.default_backend(), devices=len(jax.devices()), cpus=os.cpu_count(),
+              openblas_num_threads=os.environ.get('OPENBLAS_NUM_THREADS'),
               machine=platform.machine(), jax=jax.__version__, optax=optax.__version__,
               args=vars(args), seconds=time.perf_counter() - t0)
   os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
