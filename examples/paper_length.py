@@ -56,6 +56,11 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+# One OpenBLAS thread (set before numpy/jax load it; an explicit setting wins). jaxlib's CPU
+# eigh/Cholesky call scipy's OpenBLAS, whose worker threads stall when the cores are busy: FOP's
+# guard step on the MLP took ~165 ms instead of ~5 ms on 2 shared cores (load 3).
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,9 +74,6 @@ import fop_optax  # noqa: E402
 
 FOP_VARIANTS = ('fop', 'fop_norm', 'fop_adam')
 ALL_OPTIMIZERS = ('momentum', 'fop', 'fop_norm', 'shd', 'pphd', 'adam', 'fop_adam')
-# Config keys that must match for a checkpoint to be resumed (not --stop-after, --ckpt-every).
-_CONFIG_KEYS = ('dataset', 'model', 'cnn_widths', 'subset', 'test_subset', 'steps', 'batch_size',
-                'lr', 'momentum', 'decay_at', 'decay_factor', 'hyper_lr', 'adam_lr', 'seeds')
 
 
 # --------------------------------------------------------------------------- set-up
@@ -123,8 +125,28 @@ def params_initializer(model_fn):
   return lambda seeds: init(jnp.asarray(seeds, jnp.int32))
 
 
+def over_seeds(fn: Callable, how: str, in_axes: Sequence[int | None]) -> Callable:
+  """``fn`` mapped over a leading seed axis of the arguments whose ``in_axes`` is 0.
+
+  ``'vmap'``: ``jax.vmap``. ``'unroll'``: one call per seed, unrolled in the traced program
+  (still one compiled function), outputs stacked: XLA:CPU runs a vmapped convolution (its
+  batched kernel becomes a grouped convolution) slower than the convolutions one by one.
+  """
+  if how == 'vmap':
+    return jax.vmap(fn, in_axes=tuple(in_axes))
+  if how != 'unroll':
+    raise ValueError(f'unknown seed axis {how!r}; expected vmap or unroll')
+
+  def unrolled(*args):
+    n = jax.tree.leaves(args[in_axes.index(0)])[0].shape[0]
+    outs = [fn(*(a if ax is None else jax.tree.map(lambda x: x[i], a)
+                 for a, ax in zip(args, in_axes))) for i in range(n)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+  return unrolled
+
+
 class Runner:
-  """One optimiser's compiled, seed-vmapped functions: train step, evaluation, spectra."""
+  """One optimiser's compiled functions over seeds: train step, evaluation, spectra."""
 
   def __init__(self, name: str, config: dict, model_fn):
     self.name = name
@@ -147,9 +169,10 @@ class Runner:
       return (losses * mask).sum(), ((logits.argmax(-1) == y) * mask).sum()
 
     self.init_params = params_initializer(model_fn)
-    self.init_state = jax.jit(jax.vmap(tx.init))
-    self.step = jax.jit(jax.vmap(step), donate_argnums=(0, 1))
-    self.eval_batch = jax.jit(jax.vmap(eval_batch, in_axes=(0, None, None, None)))
+    how = config['seed_axis']
+    self.init_state = jax.jit(over_seeds(tx.init, how, (0,)))
+    self.step = jax.jit(over_seeds(step, how, (0, 0, 0, 0)), donate_argnums=(0, 1))
+    self.eval_batch = jax.jit(over_seeds(eval_batch, how, (0, None, None, None)))
     self.spectra = None
     if name in FOP_VARIANTS:
       rule = dict(normalize=name == 'fop_norm')  # max_scale: the transformation's default
@@ -158,7 +181,7 @@ class Runner:
         tree = fop_optax.diagnostics.spectra(s, p, **rule)
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
         return {jax.tree_util.keystr(k): (ev[0], ev.mean()) for k, ev in flat}
-      self.spectra = jax.jit(jax.vmap(spectra))
+      self.spectra = jax.jit(over_seeds(spectra, how, (0, 0)))
 
   def evaluate(self, params, x, y, batch_size: int = 1000):
     """Per-seed mean loss and accuracy over ``(x, y)`` (last batch padded: one shape)."""
@@ -410,6 +433,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument('--hyper-lr', type=float, default=common.FOP_HYPER_LR)
   parser.add_argument('--optimizers', default=','.join(ALL_OPTIMIZERS))
   parser.add_argument('--seeds', default='2', help='a count (0..n-1) or a comma list')
+  parser.add_argument('--seed-axis', default=None, choices=('vmap', 'unroll'),
+                      help='how one compiled step runs the seeds (default: vmap for the MLP, '
+                           'unroll for the CNN, whose vmapped convolutions are slower on CPU)')
   parser.add_argument('--ckpt-every', type=int, default=None,
                       help='checkpoint every this many steps (default: 10 epochs)')
   parser.add_argument('--stop-after', type=int, default=None,
@@ -437,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             'subset': args.subset, 'test_subset': args.test_subset, 'steps': args.steps,
             'batch_size': args.batch_size, 'lr': args.lr, 'momentum': args.momentum,
             'decay_at': args.decay_at, 'decay_factor': 0.1, 'hyper_lr': args.hyper_lr,
-            'adam_lr': common.ADAM_LR, 'seeds': _seeds(args.seeds)}
+            'adam_lr': common.ADAM_LR, 'seeds': _seeds(args.seeds),
+            'seed_axis': args.seed_axis or ('unroll' if args.model == 'cnn' else 'vmap')}
   steps_per_epoch = max(len(data[0]) // args.batch_size, 1)
   ckpt_every = args.ckpt_every or 10 * steps_per_epoch
   full_argv = list(sys.argv if argv is None else ['examples/paper_length.py', *argv])

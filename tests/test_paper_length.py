@@ -50,6 +50,9 @@ def runs(tmp_path_factory):
   out['resumed'] = paper_length.main([*ARGS, '--seeds', '0,1', '--out', parts])
   out['alone'] = paper_length.main([*COMMON, '--optimizers', 'fop', '--seeds', '1,',
                                     '--out', alone, '--stop-after', '20'])
+  out['unrolled'] = paper_length.main([*COMMON, '--optimizers', 'momentum', '--seeds', '0,1',
+                                       '--seed-axis', 'unroll', '--out', str(base / 'unrolled'),
+                                       '--stop-after', '20'])
   out['dirs'] = {'whole': whole, 'parts': parts, 'alone': alone}
   return out
 
@@ -124,6 +127,14 @@ def test_vmapped_seeds_match_a_seed_run_alone(runs):
   assert h1['seed'] == h2['seed'] == 1
   np.testing.assert_allclose(h1['train_loss'], h2['train_loss'], rtol=1e-4)
   np.testing.assert_allclose(h1['test_accuracy'], h2['test_accuracy'], atol=0.011)
+
+
+def test_unrolled_seeds_match_vmapped_seeds(runs):
+  """--seed-axis unroll (the CNN's default) computes what vmap does, to float tolerance."""
+  vmapped, unrolled = runs['first']['momentum'], runs['unrolled']['momentum']
+  assert unrolled['record']['config']['seed_axis'] == 'unroll'
+  assert vmapped['record']['config']['seed_axis'] == 'vmap'
+  _assert_same(vmapped['params'], unrolled['params'], exact=False)
 
 
 def test_plot(runs, tmp_path):
