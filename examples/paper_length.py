@@ -11,7 +11,9 @@ momentum, FOP, FOP-norm, S-HD, PP-HD, Adam and FOP+Adam (:func:`common.make_opti
   multiplied by the same ÷10 factor (``optax.scale_by_schedule`` after them; their
   hypergradient does not see it).
 * All seeds of one optimiser share one compiled step: params and optimiser state carry a
-  leading seed axis and the step is ``jax.vmap``-ed. Seed ``s`` initialises the model with
+  leading seed axis and the step is ``jax.vmap``-ed (``--seed-axis unroll``, the CNN's default:
+  one call per seed unrolled in the same compiled step, since XLA:CPU runs vmapped
+  convolutions slower than separate ones). Seed ``s`` initialises the model with
   ``nnx.Rngs(s)`` and orders the data of epoch ``e`` by ``np.random.default_rng([s, e])``, so
   the order is recomputable from ``(s, e)`` on a resume.
 * After every epoch (``n_train // 128`` steps; the last partial batch is dropped) and at the end:
@@ -38,12 +40,23 @@ The full runs (default ``--steps 58000``, ≈124 epochs; seeds 0 and 1)::
 Interrupt them at any time and rerun the same command to continue. ``--plot PATH`` alone with
 an existing ``--out`` redraws the figure from the JSON files (``--steps 0`` trains nothing).
 
-Time (MLP, batch 128, 2 seeds vmapped, 2 shared CPU cores, jax 0.10.2; measured over a few
-hundred steps, so the full-run figures are extrapolations): ms per step (both seeds) and hours
-for 58,000 steps, per optimiser -- momentum 3.4 ms (0.06 h), FOP 9.6 ms (0.15 h),
-FOP-norm 10 ms (0.16 h), S-HD 3.9 ms (0.06 h), PP-HD 4.0 ms (0.06 h), Adam 3.6 ms
-(0.06 h), FOP+Adam 9.5 ms (0.15 h); plus ~1 s per epoch of evaluation.
-``--smoke`` is a tiny config (momentum and FOP, 512 examples, 24 steps) that ends in seconds.
+Time (measured on 2 CPU cores shared with other work, load 3-7, jax 0.10.2; full-run figures
+are EXTRAPOLATIONS from 150 timed steps after 20 warm-up steps, plus one 2-epoch run on the full
+data). MLP, batch 128, both seeds in one vmapped step, ms per step:
+
+  =========  ========  ===  ========  ====  =====  ====  ========
+  optimiser  momentum  FOP  FOP-norm  S-HD  PP-HD  Adam  FOP+Adam
+  ms/step    3.6       13   13        5.9   8.9    6.7   15
+  58k steps  6 min     15   15        8     11     9     16 min
+  =========  ========  ===  ========  ====  =====  ====  ========
+
+The full-run row adds the measured ~2.3 ms/step of data gathering, dispatch and the per-epoch
+evaluation on 10k (a 2-epoch run on all 60k: 2.7 s/epoch for momentum, 7.2 s for FOP): about
+80 minutes for all seven. The CNN (widths 16, 32; ``--seed-axis unroll``, its default) took
+~100 ms per step per seed at load 3.5 (~270 ms for both seeds at load 7): roughly 3-4 h per
+optimiser, a day for all seven, plus ~5 s per epoch of evaluation.
+``--smoke`` is a tiny config (momentum and FOP, 512 examples, 24 steps): ~30 s, mostly
+compilation.
 """
 
 from __future__ import annotations
@@ -346,11 +359,12 @@ def run_optimizer(name: str, config: dict, data, model_fn, out: str, *, ckpt_eve
           h['lambda_mean'].setdefault(leaf, []).append(float(lam_mean[k]))
       epoch_losses = []
       if progress:
-        top = max((float(np.max(v[0])) for v in spectra.values()), default=float('nan'))
+        top = (f' max λ_max(P) {max(float(np.max(v[0])) for v in spectra.values()):.3f}'
+               if spectra else '')
         print(f'{name} step {step}/{total} (epoch {step / steps_per_epoch:.1f}): train loss '
               f'{np.mean(losses):.4f} test acc {np.mean(test_acc):.4f} '
-              f'[{np.min(test_acc):.4f}–{np.max(test_acc):.4f}] lr {history["lr"][-1]:.3g} '
-              f'max λ_max(P) {top:.3f} ({wall:.0f}s)', flush=True)
+              f'[{np.min(test_acc):.4f}–{np.max(test_acc):.4f}] lr {history["lr"][-1]:.3g}'
+              f'{top} ({wall:.0f}s)', flush=True)
     if step % ckpt_every == 0 or step == total or step == stop_after:
       wall = time.perf_counter() - t0
       save()
