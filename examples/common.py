@@ -164,10 +164,15 @@ class MLP(nnx.Module):
     return self.head(x)
 
 
-def make_model(kind: str, input_shape, num_classes: int = 10):
-  """``model_fn(seed) -> nnx.Module`` for ``kind`` in {'cnn', 'mlp'} and NHWC ``input_shape``."""
+def make_model(kind: str, input_shape, num_classes: int = 10,
+               cnn_widths: Sequence[int] | None = None):
+  """``model_fn(seed) -> nnx.Module`` for ``kind`` in {'cnn', 'mlp'} and NHWC ``input_shape``.
+
+  ``cnn_widths`` sets the CNN's widths (default :class:`CNN`'s ``(32, 64)``).
+  """
   if kind == 'cnn':
-    return lambda seed: CNN(input_shape[-1], num_classes, rngs=nnx.Rngs(seed))
+    widths = tuple(cnn_widths) if cnn_widths else (32, 64)
+    return lambda seed: CNN(input_shape[-1], num_classes, widths, rngs=nnx.Rngs(seed))
   if kind == 'mlp':
     return lambda seed: MLP(int(np.prod(input_shape)), num_classes=num_classes,
                             rngs=nnx.Rngs(seed))
@@ -196,10 +201,18 @@ HD_HYPER_LR = None
 ADAM_LR = 1e-3
 
 
-def make_optimizer(name: str, learning_rate: float, momentum: float,
-                   fop_hyper_lr: float | None = None) -> optax.GradientTransformation:
-  """The optimiser ``name`` (a key of :data:`OPTIMIZERS`) with FOP's hyper lr overridable."""
+def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, momentum: float,
+                   fop_hyper_lr: float | None = None,
+                   adam_learning_rate: optax.ScalarOrSchedule | None = None,
+                   ) -> optax.GradientTransformation:
+  """The optimiser ``name`` (a key of :data:`OPTIMIZERS`) with FOP's hyper lr overridable.
+
+  ``learning_rate`` may be an optax schedule except for S-HD/PP-HD (their ``α_0`` is a number).
+  Adam and FOP+Adam ignore it and use ``adam_learning_rate`` (default :data:`ADAM_LR`; a
+  number or a schedule).
+  """
   h = FOP_HYPER_LR if fop_hyper_lr is None else fop_hyper_lr
+  adam_lr = ADAM_LR if adam_learning_rate is None else adam_learning_rate
   lr, mom = learning_rate, momentum
   if name == 'momentum':
     return optax.sgd(lr, momentum=mom or None)
@@ -208,9 +221,9 @@ def make_optimizer(name: str, learning_rate: float, momentum: float,
   if name in ('shd', 'pphd'):
     return fop_optax.sgd_hd(lr, HD_HYPER_LR, momentum=mom, per_parameter=name == 'pphd')
   if name == 'adam':
-    return optax.adam(ADAM_LR)
+    return optax.adam(adam_lr)
   if name == 'fop_adam':
-    return fop_optax.fop_adam(ADAM_LR, hyper_learning_rate=h)
+    return fop_optax.fop_adam(adam_lr, hyper_learning_rate=h)
   raise ValueError(f'unknown optimiser {name!r}; expected one of {", ".join(LABELS)}')
 
 

@@ -1,0 +1,143 @@
+"""examples/paper_length.py at tiny size: records, the ÷10 decay, exact resume, vmapped seeds."""
+
+import json
+import math
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'examples'))
+
+pytest.importorskip('flax')
+pytest.importorskip('orbax.checkpoint')
+import common  # noqa: E402
+
+if not os.path.isdir(common.FASHION_MNIST_DIR):
+  pytest.skip('Fashion-MNIST is not installed', allow_module_level=True)
+
+import paper_length  # noqa: E402
+
+# 512 examples at batch 128: 4 steps an epoch; 40 steps = 10 epochs, the decay at step 21.
+COMMON = ['--subset', '512', '--test-subset', '200', '--steps', '40', '--decay-at', '0.525',
+          '--quiet']
+ARGS = [*COMMON, '--optimizers', 'momentum,fop', '--ckpt-every', '20']
+
+
+def _load(out, name):
+  with open(os.path.join(out, f'{name}.json')) as f:
+    return json.load(f)
+
+
+def _assert_same(a, b, exact=True):
+  check = (np.testing.assert_array_equal if exact
+           else lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-5))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    check(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  base = tmp_path_factory.mktemp('paper_length')
+  whole, parts, alone = (str(base / d) for d in ('whole', 'parts', 'alone'))
+  out = {'whole': paper_length.main([*ARGS, '--seeds', '0,1', '--out', whole]), 'dirs': {}}
+  out['first'] = paper_length.main([*ARGS, '--seeds', '0,1', '--out', parts,
+                                    '--stop-after', '20'])
+  out['first_json'] = _load(parts, 'fop')
+  out['resumed'] = paper_length.main([*ARGS, '--seeds', '0,1', '--out', parts])
+  out['alone'] = paper_length.main([*COMMON, '--optimizers', 'fop', '--seeds', '1,',
+                                    '--out', alone, '--stop-after', '20'])
+  out['unrolled'] = paper_length.main([*COMMON, '--optimizers', 'momentum', '--seeds', '0,1',
+                                       '--seed-axis', 'unroll', '--out', str(base / 'unrolled'),
+                                       '--stop-after', '20'])
+  out['dirs'] = {'whole': whole, 'parts': parts, 'alone': alone}
+  return out
+
+
+def test_records(runs):
+  for name in ('momentum', 'fop'):
+    rec = _load(runs['dirs']['whole'], name)
+    assert rec['done'] and rec['step'] == 40 and rec['optimizer'] == name
+    assert rec['config']['seeds'] == [0, 1] and rec['config']['model'] == 'mlp'
+    assert rec['argv'][0].endswith('paper_length.py') and '--stop-after' not in rec['argv']
+    assert rec['jax_version'] == jax.__version__ and rec['machine']['cpu_count']
+    hist = rec['history']
+    assert hist['step'] == list(range(4, 41, 4)) and len(hist['wall_seconds']) == 10
+    assert [h['seed'] for h in hist['seeds']] == [0, 1]
+    for h in hist['seeds']:
+      for key in ('test_accuracy', 'test_loss', 'train_loss'):
+        assert len(h[key]) == 10 and all(math.isfinite(v) for v in h[key])
+      assert 0 < h['test_accuracy'][-1] <= 1
+      assert h['train_loss'][-1] < h['train_loss'][0]
+      assert ('lambda_max' in h) == (name == 'fop')
+    if name == 'fop':
+      for h in hist['seeds']:
+        assert len(h['lambda_max']) == 3  # the MLP's three kernels
+        for leaf, values in h['lambda_max'].items():
+          assert len(values) == 10 and all(0.5 < v < 2 for v in values), leaf
+          assert all(0 < m <= v + 1e-6 for m, v in zip(h['lambda_mean'][leaf], values))
+
+
+def test_learning_rate_divided_by_ten_at_the_decay_step(runs):
+  rec = _load(runs['dirs']['whole'], 'fop')
+  assert rec['decay_step'] == 21  # round(0.525 · 40): steps 0..20 at 0.05, from 21 at 0.005
+  # lr of each epoch's last step (steps 3, 7, ..., 39)
+  np.testing.assert_allclose(rec['history']['lr'], [0.05] * 5 + [0.005] * 5, rtol=1e-6)
+  config = rec['config']
+  for name in ('momentum', 'fop'):
+    schedule = paper_length.lr_schedule(config['lr'], 40, config['decay_at'])
+    assert float(schedule(20)) == pytest.approx(0.05) and float(schedule(21)) == pytest.approx(0.005)
+  # and the schedule reaches the optimiser: one step at count 21 moves 10x less than at 20
+  tx = paper_length.build_optimizer('momentum', dict(config, momentum=0.0))
+  params = {'w': np.ones(3, np.float32)}
+  state = tx.init(params)
+  state = jax.tree.map(lambda x: np.asarray(20, x.dtype) if np.ndim(x) == 0 else x, state)
+  u20, state = tx.update(params, state, params)
+  u21, _ = tx.update(params, state, params)
+  np.testing.assert_allclose(np.asarray(u21['w']), 0.1 * np.asarray(u20['w']), rtol=1e-6)
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(runs):
+  first = runs['first_json']
+  assert not first['done'] and first['step'] == 20 and len(first['history']['step']) == 5
+  for name in ('momentum', 'fop'):
+    whole, resumed = runs['whole'][name], runs['resumed'][name]
+    _assert_same(whole['params'], resumed['params'])
+    _assert_same(whole['opt_state'], resumed['opt_state'])
+    a, b = whole['record']['history'], resumed['record']['history']
+    assert a['step'] == b['step'] and a['lr'] == b['lr']
+    assert a['seeds'] == b['seeds']  # every loss, accuracy and eigenvalue, bit for bit
+    assert resumed['record']['done']
+
+
+def test_rerun_of_a_finished_run_is_skipped(runs):
+  again = paper_length.main([*ARGS, '--seeds', '0,1', '--out', runs['dirs']['whole']])
+  assert 'params' not in again['fop'] and again['fop']['record']['done']
+
+
+def test_vmapped_seeds_match_a_seed_run_alone(runs):
+  """Seed 1 of the vmapped pair [0, 1] against seed 1 alone, both stopped after step 20."""
+  both, alone = runs['first']['fop'], runs['alone']['fop']
+  _assert_same(jax.tree.map(lambda x: x[1], both['params']),
+               jax.tree.map(lambda x: x[0], alone['params']), exact=False)
+  h2, h1 = both['record']['history']['seeds'][1], alone['record']['history']['seeds'][0]
+  assert h1['seed'] == h2['seed'] == 1
+  np.testing.assert_allclose(h1['train_loss'], h2['train_loss'], rtol=1e-4)
+  np.testing.assert_allclose(h1['test_accuracy'], h2['test_accuracy'], atol=0.011)
+
+
+def test_unrolled_seeds_match_vmapped_seeds(runs):
+  """--seed-axis unroll (the CNN's default) computes what vmap does, to float tolerance."""
+  vmapped, unrolled = runs['first']['momentum'], runs['unrolled']['momentum']
+  assert unrolled['record']['config']['seed_axis'] == 'unroll'
+  assert vmapped['record']['config']['seed_axis'] == 'vmap'
+  _assert_same(vmapped['params'], unrolled['params'], exact=False)
+
+
+def test_plot(runs, tmp_path):
+  path = str(tmp_path / 'curves.png')
+  paper_length.plot(runs['dirs']['whole'], path)
+  assert os.path.getsize(path) > 1000
