@@ -408,9 +408,10 @@ def run_classify(task, entry, value, seed, args):
       break
   final = None
   if np.isfinite(loss) and not stopped:
+    n_final = args.final_test or len(x_test)   # in chunks of the compiled test shape
     final = float(np.mean([float(accuracy(params, jnp.asarray(x_test[j:j + len(xt)]),
                                           jnp.asarray(y_test[j:j + len(xt)])))
-                           for j in range(0, len(x_test) - len(xt) + 1, len(xt))]))
+                           for j in range(0, n_final - len(xt) + 1, len(xt))]))
   return dict(steps=steps, wall_s=clock, ms_per_step=1e3 * clock / max(i + 1, 1),
               final=final, final_train_loss=ema if np.isfinite(loss) else None,
               target_step=hit and hit[0], target_wall_s=hit and hit[1], history=history,
@@ -542,12 +543,19 @@ def _fmt(s, fmt, scale=1.0):
           f"{format(s['max'] * scale, fmt)})")
 
 
+def _num(x):
+  return '?' if x is None else f'{x:.1f}'
+
+
 def markdown(result, meta) -> str:
   """The leaderboard as GitHub markdown (docs/leaderboard.md)."""
   a = meta['args']
   lines = [f"Command: `{meta['command']}`  ",
-           f"jax {meta['jax']}, optax {meta['optax']}; {meta.get('peers', {})}; load average "
-           f"{meta.get('load_min')}–{meta.get('load_max')} (1 min, before each run); "
+           f"jax {meta['jax']}, optax {meta['optax']}, "
+           + ', '.join(f'{k} {v}' for k, v in meta.get('peers', {}).items()) +
+           f"; {meta.get('cpu_count')} CPUs ({meta.get('devices')}); 1-min load average before "
+           f"each run {_num(meta.get('load_min'))}–{_num(meta.get('load_max'))}; runs one after "
+           f"another, interleaved (task → seed → sweep position → entry); "
            f"{meta.get('seconds', 0):.0f} s in all.", '']
   for task in dict.fromkeys(r['task'] for r in result):
     unit = 'updates' if task == 'ppo' else 'steps'
@@ -640,6 +648,9 @@ def parse_args(argv=None):
   p.add_argument('--eval-every', type=int, default=25)
   p.add_argument('--test-subset', type=int, default=2000,
                  help='test images checked every --eval-every steps (final: the whole set)')
+  p.add_argument('--final-test', type=int, default=0,
+                 help='test images for the final accuracy (0: all 10,000; a multiple of '
+                 '--test-subset)')
   p.add_argument('--train-subset', type=int, default=0, help='first N training images (0: all)')
   p.add_argument('--val-size', type=int, default=5000, help='held-out validation split (HPO)')
   p.add_argument('--val-batch', type=int, default=128)
@@ -668,7 +679,7 @@ def parse_args(argv=None):
     args.seeds, args.no_sweep, args.steps, args.batch_size = 1, True, 3, 32
     args.eval_every, args.test_subset, args.train_subset = 3, 200, 256
     args.val_size, args.val_batch, args.ppo_updates, args.kfac_warmup = 256, 32, 2, 1
-    args.mlp_hidden, args.cnn_widths = (32,), (4, 8)
+    args.mlp_hidden, args.cnn_widths, args.final_test = (32,), (4, 8), 200
     if args.out == os.path.join('results', 'leaderboard.json'):
       args.out = os.path.join('results', 'leaderboard_smoke.json')
   args.target = {'mlp': args.target_mlp, 'cnn': args.target_cnn, 'ppo': args.target_ppo}
