@@ -51,14 +51,32 @@ that row is always a skip with its reason.
 Commands (``--out`` JSON, ``--markdown`` prints the table, ``--plot PNG`` loss/return against
 wall time, ``--from-json`` re-prints a saved run)::
 
-  python3 benchmarks/leaderboard.py --smoke                      # every entry, every task, a few steps
-  python3 benchmarks/leaderboard.py --tasks mlp --markdown       # one task, sweep, 3 seeds
-  python3 benchmarks/leaderboard.py --markdown --plot results/leaderboard.png   # the full board
-  python3 benchmarks/leaderboard.py --from-json results/leaderboard.json --markdown
+  python3 benchmarks/leaderboard.py --smoke                   # every entry, every task, a few steps
+  python3 benchmarks/leaderboard.py --tasks ppo --markdown    # CartPole, sweep, 3 seeds (~45 min)
+  python3 benchmarks/leaderboard.py --tasks mlp --no-sweep --markdown          # ~1.5 h
+  python3 benchmarks/leaderboard.py --markdown --plot results/leaderboard.png  # everything (GPU)
+  python3 benchmarks/leaderboard.py --from-json results/leaderboard.json --markdown > docs/leaderboard.md
 
-Duration (full board, defaults: 3 seeds, sweep of 4, 938 steps (2 epochs of the 60,000 images,
-batch 128) per classification run, 100 PPO updates): see ``ESTIMATE`` below, measured from
-small runs on 2 shared CPU cores.
+Duration. ``--smoke`` (tiny models, 3 steps, 2 PPO updates) took 48 s (MLP), 115 s (CNN) and
+89 s (PPO) on 2 shared CPU cores at load 3-7: most of it is compiling ~45 programs (LODO's
+alone 18-34 s), not training. For the full board (defaults: 3 seeds; sweep of 3-4 values per
+entry, 12 runs per entry and task; 858 steps = 2 epochs of the 55,000 training images at batch
+128; 100 PPO updates) we measured a few steps per entry at full size (1 seed, load 3-6) and
+extrapolate:
+
+* MLP: ms/step momentum 7, Adam 3.5, S-HD/PP-HD/Adam-HD/one-pass 5-8, AdamQLR 6, K-FAC 28,
+  Muon 35, FOP-norm 60, FOP/FOP+Adam 20-160 (erratic between steps on the shared machine),
+  PSGD kron 130, series SFN 144, LODO 1,300; about 2 s for one step of every entry, so ~30 min
+  per (seed, sweep value) with compilation, **~6 h** for the sweep (LODO two thirds of it),
+  ~1.5 h with ``--no-sweep``.
+* CNN: the cheap entries run 250-500 ms/step (docs/benchmarks.md), K-FAC ~40 s/step (conv
+  curvature on CPU) and series SFN did not finish compiling plus 3 steps in 3 minutes, so both
+  hit ``--run-time-limit`` (30 min); **~30 h** for the sweep on 2 CPU cores: use an accelerator,
+  or ``--no-sweep --entries`` without ``kfac,series_sfn,lodo`` (~3 h).
+* PPO: ~14 s compilation and 30-60 ms per update per run, 132 runs: **~45 min**.
+
+So on this machine: ``--tasks ppo`` and ``--tasks mlp --no-sweep`` are practical; the whole
+board needs a GPU (or days).
 """
 
 from __future__ import annotations
@@ -87,8 +105,6 @@ import fop_optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from common import CNN, MLP, load_dataset  # noqa: E402
 from time_to_target import _muon_dims  # noqa: E402  (shared with benchmarks/time_to_target.py)
-
-ESTIMATE = """(filled in from measurements: see the module docstring's last paragraph)"""
 
 # ----------------------------------------------------------------------------- peers
 
