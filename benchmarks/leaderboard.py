@@ -575,8 +575,8 @@ def markdown(result, meta) -> str:
            f"{meta.get('seconds', 0):.0f} s in all.", '']
   for task in dict.fromkeys(r['task'] for r in result):
     unit = 'updates' if task == 'ppo' else 'steps'
-    metric = ('mean return of the last 10 updates' if task == 'ppo'
-              else 'test accuracy (whole test set)')
+    metric = ('mean return of the last 10 updates' if task == 'ppo' else
+              f"test accuracy on {a.get('final_test') or 'all 10,000'} test images")
     target = a['target'][task]
     lines += [f"### {task}: target {'return' if task == 'ppo' else 'test accuracy'} ≥ {target}; "
               f"final = {metric} after the budget; medians (min–max) over seeds", '',
@@ -595,15 +595,21 @@ def markdown(result, meta) -> str:
       d, b = r['default'], r['best']
       reach = lambda x: '' if x is None else f" [{x['reached']}/{x['seeds']}]"
       cell = lambda x, f, k, fmt: '—' if x is None else _fmt(x[k], fmt)
-      dv = 'adaptive' if ENTRIES[r['entry']].default[
-          'ppo' if task == 'ppo' else 'classify'] is None else (d and d['value'])
+      shown = lambda v: 'adaptive' if v is None else f'{v:g}'
+      dv = shown(ENTRIES[r['entry']].default['ppo' if task == 'ppo' else 'classify'])
       status = r['status'] + (f": {r['reason']}" if r['reason'] else '')
       lines.append(
-          f"| {label} | {status} | {dv} → {b['value']} | {cell(d, 0, 'target_step', '.0f')}"
+          f"| {label} | {status} | {dv} → {shown(b['value'])} | {cell(d, 0, 'target_step', '.0f')}"
           f"{reach(d)} | {cell(d, 0, 'target_wall_s', '.1f')} | {cell(d, 0, 'final', '.3f')} "
           f"| {cell(b, 0, 'target_step', '.0f')}{reach(b)} | {cell(b, 0, 'target_wall_s', '.1f')} "
           f"| {cell(b, 0, 'final', '.3f')} | {cell(b, 0, 'ms_per_step', '.1f')} |")
     lines.append('')
+  lines.append('value: the learning rate, except ' + '; '.join(
+      f'{e.label}: {e.sweep}' for e in ENTRIES.values() if e.sweep != 'learning_rate') +
+      "; K-FAC's \"adaptive\" is kfac-jax's adaptive learning rate, momentum and damping "
+      '(its README), a number fixes the learning rate (momentum 0.9). Time to target: the '
+      'median only when most seeds reached it, [reached/seeds]. Best: highest median final '
+      'metric over the sweep.')
   return '\n'.join(lines)
 
 
