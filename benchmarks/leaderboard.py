@@ -1,0 +1,778 @@
+"""One leaderboard for the whole fop_optax family and the optimisers users would pick instead.
+
+Every entry of :data:`ENTRIES` (fop_optax's optimisers and the peers: momentum, Adam,
+``optax.contrib.muon``, PSGD kron from ``psgd-jax``, K-FAC from ``kfac-jax``, Shampoo/SOAP)
+trains each task of :data:`TASKS`:
+
+* ``mlp``: Fashion-MNIST, ``examples/common.py``'s ``MLP`` 784-256-256-10;
+* ``cnn``: Fashion-MNIST, ``examples/common.py``'s small All-CNN ``CNN`` (widths 32, 64);
+* ``ppo``: gymnax CartPole-v1 with ``examples/ppo.py``'s PPO (its ``make_gymnax_trainer``,
+  its config; the optimiser is chained after ``clip_by_global_norm(0.5)`` as there).
+
+Per run it records the history (step, training wall seconds, running train loss or return,
+test accuracy), the first step and the training wall seconds at which the target is reached
+(``--target-mlp``/``--target-cnn``: test accuracy on ``--test-subset`` images; ``--target-ppo``:
+mean return of the last 5 PPO updates), and the final metric at the fixed budget (test
+accuracy on the whole test set; PPO: mean return over the last 10 updates). Each entry runs at
+its published defaults and at every value of a small sweep (by default the learning rate ×
+0.1, 0.3, 1, 3; see ``Entry.grid``); the table gives, per task and entry, medians (min–max)
+over seeds at the default and at the best sweep value (highest median final metric: chosen on
+the same seeds it is reported on, so it is optimistic for every entry alike).
+
+Same data for every entry: per seed the same model initialisation, the same permutation of
+the training set and (one-pass HPO) the same validation batches; PPO's environment keys are
+the same per seed (its data then depend on the policy). Wall time: compilation is done before
+the clock starts (ahead-of-time ``jit(...).lower().compile()``; K-FAC, whose steps compile
+inside its own ``jit``, by warm-up steps on copies), evaluation is excluded, and every step
+waits for its loss. Runs are interleaved (task → seed → sweep position → entry) so a change of
+machine load hits all entries alike; the 1-minute load average is recorded before every run.
+
+How an entry's step is driven (``Entry.drive``):
+
+* ``grad``: ``tx.update(grads, state, params)``;
+* ``curvature`` (AdamQLR, series SFN): also ``value=``, ``value_fn=`` (the loss on the
+  batch), ``model_fn=`` (logits of the batch) and ``loss_fn=`` (cross-entropy of logits) for
+  Gauss–Newton / Hessian-vector products;
+* ``hpo`` (one-pass HPO): also ``train_loss_fn=`` (the batch's loss) and ``val_loss_fn=`` (a
+  batch of ``--val-batch`` images from a held-out validation split: the last ``--val-size``
+  of the 60,000 training images, never trained on);
+* ``kfac``: ``kfac_jax.Optimizer`` (not an optax transformation) through :class:`KfacAdapter`;
+  the loss registers its logits with ``kfac_jax.register_softmax_cross_entropy_loss`` and the
+  dense/conv layers are found by kfac-jax's automatic graph matching.
+
+PPO passes the gradient only (``examples/ppo.py``'s update), so ``curvature``, ``hpo`` and
+``kfac`` entries are reported as not applicable there, with the reason.
+
+Peers come from optional packages (``pip install -e ".[bench]"``: ``psgd-jax``, ``kfac-jax``);
+an entry whose package is missing or fails to import is listed with its reason instead of
+being dropped. No Shampoo/SOAP for JAX installs and runs here (see ``docs/benchmarks.md``), so
+that row is always a skip with its reason.
+
+Commands (``--out`` JSON, ``--markdown`` prints the table, ``--plot PNG`` loss/return against
+wall time, ``--from-json`` re-prints a saved run)::
+
+  python3 benchmarks/leaderboard.py --smoke                   # every entry, every task, a few steps
+  python3 benchmarks/leaderboard.py --tasks ppo --markdown    # CartPole, sweep, 3 seeds (~45 min)
+  python3 benchmarks/leaderboard.py --tasks mlp --no-sweep --markdown          # ~1.5 h
+  python3 benchmarks/leaderboard.py --markdown --plot results/leaderboard.png  # everything (GPU)
+  python3 benchmarks/leaderboard.py --from-json results/leaderboard.json --markdown > docs/leaderboard.md
+
+Duration. ``--smoke`` (tiny models, 3 steps, 2 PPO updates) took 48 s (MLP), 115 s (CNN) and
+89 s (PPO) on 2 shared CPU cores at load 3-7: most of it is compiling ~45 programs (LODO's
+alone 18-34 s), not training. For the full board (defaults: 3 seeds; sweep of 3-4 values per
+entry, 12 runs per entry and task; 858 steps = 2 epochs of the 55,000 training images at batch
+128; 100 PPO updates) we measured a few steps per entry at full size (1 seed, load 3-6) and
+extrapolate:
+
+* MLP: ms/step momentum 7, Adam 3.5, S-HD/PP-HD/Adam-HD/one-pass 5-8, AdamQLR 6, K-FAC 28,
+  Muon 35, FOP-norm 60, FOP/FOP+Adam 20-160 (erratic between steps on the shared machine),
+  PSGD kron 130, series SFN 144, LODO 1,300; about 2 s for one step of every entry, so ~30 min
+  per (seed, sweep value) with compilation, **~6 h** for the sweep (LODO two thirds of it),
+  ~1.5 h with ``--no-sweep``.
+* CNN: the cheap entries run 250-500 ms/step (docs/benchmarks.md), K-FAC ~40 s/step (conv
+  curvature on CPU) and series SFN did not finish compiling plus 3 steps in 3 minutes, so both
+  hit ``--run-time-limit`` (30 min); **~30 h** for the sweep on 2 CPU cores: use an accelerator,
+  or ``--no-sweep --entries`` without ``kfac,series_sfn,lodo`` (~3 h).
+* PPO: ~14 s compilation and 30-60 ms per update per run, 132 runs: **~45 min**.
+
+So on this machine: ``--tasks ppo`` and ``--tasks mlp --no-sweep`` are practical; the whole
+board needs a GPU (or days).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+for _p in (ROOT, os.path.join(ROOT, 'examples'), os.path.join(ROOT, 'benchmarks')):
+  if _p not in sys.path:
+    sys.path.insert(0, _p)
+import fop_optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from common import CNN, MLP, load_dataset  # noqa: E402
+from time_to_target import _muon_dims  # noqa: E402  (shared with benchmarks/time_to_target.py)
+
+# ----------------------------------------------------------------------------- peers
+
+
+def _import_psgd_kron():
+  """psgd-jax's ``kron``; 0.2.9 imports ``optax._src.clipping``, which optax 0.2.8 moved."""
+  try:
+    from optax.transforms import _clipping
+    sys.modules.setdefault('optax._src.clipping', _clipping)
+  except ImportError:
+    pass
+  from psgd_jax.kron import kron
+  return kron
+
+
+_KFAC_PATCHED = False
+
+
+def _import_kfac():
+  """kfac-jax, made to trace on JAX ≥ 0.9 (``Primitive.get_bind_params`` returns params only).
+
+  kfac-jax 0.0.8's graph matcher unpacks ``subfuns, params = get_bind_params(...)``; newer
+  JAX returns just the params. The replacement accepts both.
+  """
+  global _KFAC_PATCHED
+  import kfac_jax
+  if not _KFAC_PATCHED:
+    from kfac_jax._src import tag_graph_matcher as tgm
+    import jax.extend as jex
+
+    def eval_jaxpr_eqn(eqn, in_values):
+      out = eqn.primitive.get_bind_params(eqn.params)
+      subfuns, params = out if isinstance(out, tuple) else ((), out)
+      with jex.source_info_util.user_context(eqn.source_info.traceback):
+        result = eqn.primitive.bind(*subfuns, *in_values, **params)
+      return result if isinstance(result, list) else [result]
+    tgm.eval_jaxpr_eqn = eval_jaxpr_eqn
+    _KFAC_PATCHED = True
+  return kfac_jax
+
+
+class KfacAdapter:
+  """``kfac_jax.Optimizer`` behind the leaderboard's ``init``/``step`` interface.
+
+  ``loss_fn(params, (x, y))`` must register its logits with
+  ``kfac_jax.register_softmax_cross_entropy_loss``. ``learning_rate=None`` is kfac-jax's
+  published configuration (README and examples): adaptive learning rate, momentum and damping
+  (initial damping 1.0); a number fixes the learning rate (momentum 0.9, damping still
+  adaptive). ``num_burnin_steps=0``: burn-in would draw 10 extra batches from an iterator,
+  which would change the data order shared by all entries.
+  """
+
+  def __init__(self, loss_fn, learning_rate: Optional[float]):
+    kfac_jax = _import_kfac()
+    adaptive = learning_rate is None
+    kw = dict(use_adaptive_learning_rate=True, use_adaptive_momentum=True) if adaptive else dict(
+        learning_rate_schedule=lambda step: jnp.asarray(learning_rate),
+        momentum_schedule=lambda step: jnp.asarray(0.9))
+    self.optimizer = kfac_jax.Optimizer(
+        value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=0.0, use_adaptive_damping=True,
+        initial_damping=1.0, multi_device=False, num_burnin_steps=0, **kw)
+    self.rng = jax.random.key(0)
+    self.count = 0
+
+  def init(self, params, batch):
+    return self.optimizer.init(params, self.rng, batch)
+
+  def step(self, params, state, batch):
+    params, state, stats = self.optimizer.step(params, state, jax.random.fold_in(
+        self.rng, self.count), batch=batch, global_step_int=self.count)
+    self.count += 1
+    return params, state, stats['loss']
+
+
+# ----------------------------------------------------------------------------- registry
+
+SGD_FACTORS = (0.1, 0.3, 1.0, 3.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One leaderboard row.
+
+  ``make(value, task)`` builds the optimiser (an optax transformation, or for ``drive='kfac'``
+  a ``loss_fn -> KfacAdapter`` factory) with its swept hyperparameter (``sweep``, usually the
+  learning rate) at ``value``; ``default[kind]`` is the published default for ``kind`` in
+  {'classify', 'ppo'} (``None``: the method sets it itself, e.g. K-FAC's adaptive rate);
+  ``grid[kind]`` the sweep, which holds the default. ``covers``: the fop_optax exports the
+  entry runs (the test checks that every exported optimiser is covered).
+  """
+  name: str
+  label: str
+  make: Callable[[Any, str], Any]
+  default: dict
+  grid: dict
+  drive: str = 'grad'
+  family: str = 'fop_optax'
+  covers: tuple = ()
+  requires: Optional[str] = None     # an optional package (its import name)
+  sweep: str = 'learning_rate'
+  always_skip: Optional[str] = None  # a reason: the entry never runs
+
+
+def _grid(default, factors=SGD_FACTORS):
+  return [float(f'{default * f:.3g}') for f in factors]
+
+
+def _entry(name, label, make, classify, ppo=None, *, factors=SGD_FACTORS, **kw):
+  default = {'classify': classify, 'ppo': ppo}
+  grid = {k: (_grid(v, factors) if v is not None else None) for k, v in default.items()}
+  return Entry(name, label, make, default, grid, **kw)
+
+
+def _kfac_make(lr, task):
+  return lambda loss_fn: KfacAdapter(loss_fn, lr)
+
+
+def _psgd_make(lr, task):
+  return _import_psgd_kron()(lr)
+
+
+# Published defaults. Classification: SGD-type 0.05 with momentum 0.9 and Adam-type 1e-3
+# (examples/common.py and docs/results_classify.md), LODO 0.5 (docs/lodo.md), Muon 0.02 and
+# PSGD kron 1e-3 (their defaults). PPO CartPole: examples/ppo.py's DEFAULT_LR (SGD-type 0.1,
+# Adam-type 1e-2, FOP hyper lr 1e-3); entries that examples/ppo.py does not tune get the rate
+# of their type.
+_PPO_FOP_HYPER = 1e-3
+ENTRIES: dict[str, Entry] = {e.name: e for e in [
+    _entry('momentum', 'momentum', lambda lr, t: optax.sgd(lr, momentum=0.9), 0.05, 0.1,
+           family='peer'),
+    _entry('adam', 'Adam', lambda lr, t: optax.adam(lr), 1e-3, 1e-2, family='peer'),
+    _entry('fop', 'FOP+momentum', lambda lr, t: fop_optax.fop(
+        lr, 0.9, **({'hyper_learning_rate': _PPO_FOP_HYPER} if t == 'ppo' else {})), 0.05, 0.1,
+           covers=('fop', 'scale_by_fop')),
+    _entry('fop_norm', 'FOP-norm', lambda lr, t: fop_optax.fop(
+        lr, 0.9, normalize=True, **({'hyper_learning_rate': _PPO_FOP_HYPER} if t == 'ppo' else {})),
+           0.05, 0.1, covers=('fop',)),
+    _entry('fop_adam', 'FOP+Adam', lambda lr, t: fop_optax.fop_adam(
+        lr, **({'hyper_learning_rate': _PPO_FOP_HYPER} if t == 'ppo' else {})), 1e-3, 1e-2,
+           covers=('fop_adam',)),
+    _entry('shd', 'S-HD', lambda lr, t: fop_optax.sgd_hd(lr, momentum=0.9), 0.05, 0.1,
+           covers=('sgd_hd', 'scale_by_hypergradient')),
+    _entry('pphd', 'PP-HD', lambda lr, t: fop_optax.sgd_hd(lr, momentum=0.9, per_parameter=True),
+           0.05, 0.1, covers=('sgd_hd',)),
+    _entry('adam_hd', 'Adam-HD', lambda lr, t: fop_optax.adam_hd(lr), 1e-3, 1e-2,
+           covers=('adam_hd',)),
+    _entry('lodo', 'LODO', lambda lr, t: fop_optax.lodo(lr), 0.5, 0.5,
+           covers=('lodo', 'scale_by_lodo')),
+    # No learning rate: the step size comes from the damped quadratic model; the sweep scales it.
+    _entry('adam_qlr', 'AdamQLR', lambda s, t: fop_optax.adam_qlr(step_size_scale=s), 1.0,
+           factors=(0.3, 1.0, 3.0), drive='curvature', sweep='step_size_scale',
+           covers=('adam_qlr', 'scale_by_qlr')),
+    _entry('series_sfn', 'series SFN', lambda lr, t: fop_optax.series_sfn(learning_rate=lr), 1.0,
+           factors=(0.1, 0.3, 1.0), drive='curvature', covers=('series_sfn',)),
+    _entry('one_pass_hpo', 'one-pass HPO (SGD)', lambda lr, t: fop_optax.one_pass_hpo(lr, 0.9),
+           0.05, drive='hpo', sweep='initial learning_rate', covers=('one_pass_hpo',)),
+    _entry('one_pass_adam', 'one-pass HPO (Adam)', lambda lr, t: fop_optax.one_pass_hpo_injected(
+        optax.inject_hyperparams(optax.adam)(learning_rate=lr)), 1e-3, drive='hpo',
+           sweep='initial learning_rate', covers=('one_pass_hpo_injected',)),
+    _entry('muon', 'Muon (optax.contrib)', lambda lr, t: optax.contrib.muon(
+        lr, adam_learning_rate=1e-3, muon_weight_dimension_numbers=_muon_dims), 0.02, 0.02,
+           family='peer'),
+    _entry('psgd_kron', 'PSGD kron (psgd-jax)', _psgd_make, 1e-3, 1e-3, family='peer',
+           requires='psgd_jax'),
+    Entry('kfac', 'K-FAC (kfac-jax)', _kfac_make, {'classify': None, 'ppo': None},
+          {'classify': [1e-3, 1e-2, 1e-1], 'ppo': None}, drive='kfac', family='peer',
+          requires='kfac_jax'),
+    Entry('shampoo', 'Shampoo/SOAP', lambda lr, t: None, {'classify': None, 'ppo': None},
+          {'classify': None, 'ppo': None}, family='peer',
+          always_skip='no Shampoo or SOAP for JAX on PyPI installs and runs here: optax-shampoo '
+          '0.0.6 is an empty package, optax.contrib 0.2.8 has neither (docs/benchmarks.md)'),
+]}
+
+
+def skip_reason(entry: Entry, task: str) -> Optional[str]:
+  """Why ``entry`` does not run on ``task`` (``None``: it runs)."""
+  if entry.always_skip:
+    return entry.always_skip
+  if entry.requires:
+    try:
+      if entry.requires == 'kfac_jax':
+        _import_kfac()
+      elif entry.requires == 'psgd_jax':
+        _import_psgd_kron()
+      else:
+        importlib.import_module(entry.requires)
+    except Exception as e:  # noqa: BLE001  (a missing package or one that fails to import)
+      return (f'optional package {entry.requires} not usable ({type(e).__name__}: {e}); '
+              'pip install -e ".[bench]"')
+  if task == 'ppo' and entry.drive != 'grad':
+    return (f"n/a: needs {entry.drive} arguments (value_fn/closures or kfac's registered loss); "
+            "examples/ppo.py's update passes the gradient only")
+  return None
+
+
+# ----------------------------------------------------------------------------- tasks
+
+TASKS = ('mlp', 'cnn', 'ppo')
+_DATA_CACHE: dict = {}
+
+
+def _loadavg():
+  try:
+    return os.getloadavg()[0]
+  except OSError:
+    return None
+
+
+def classify_data(args):
+  """``(x_train, y_train, x_val, y_val, x_test, y_test)``: a held-out validation split (the last
+  ``val_size`` training images) and the first ``train_subset`` of the rest."""
+  key = (args.data_dir, args.train_subset, args.val_size)
+  if key not in _DATA_CACHE:
+    x, y, xt, yt = load_dataset('fashion_mnist', args.data_dir)
+    xv, yv = x[-args.val_size:], y[-args.val_size:]
+    x, y = x[:-args.val_size], y[:-args.val_size]
+    if args.train_subset:
+      x, y = x[:args.train_subset], y[:args.train_subset]
+    _DATA_CACHE[key] = (x, y, xv, yv, xt, yt)
+  return _DATA_CACHE[key]
+
+
+def run_classify(task, entry, value, seed, args):
+  x_train, y_train, x_val, y_val, x_test, y_test = classify_data(args)
+  model = (MLP(int(np.prod(x_train.shape[1:])), hidden=args.mlp_hidden, rngs=nnx.Rngs(seed))
+           if task == 'mlp' else CNN(x_train.shape[-1], 10, widths=args.cnn_widths,
+                                     rngs=nnx.Rngs(seed)))
+  graphdef, state = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(state)
+
+  def apply(p, x):
+    st = nnx.clone(state)
+    nnx.replace_by_pure_dict(st, p)
+    return nnx.merge(graphdef, st)(x)
+
+  def ce(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def loss_fn(p, x, y):
+    return ce(apply(p, x), y)
+
+  b = args.batch_size
+  rng = np.random.default_rng(seed)
+  n = len(x_train)
+  per_epoch = n // b
+  order = np.concatenate([rng.permutation(n)[:per_epoch * b] for _ in range(args.epochs)])
+  steps = args.steps or per_epoch * args.epochs
+  order = np.resize(order, steps * b)
+  val_rng = np.random.default_rng(10_000 + seed)
+  val_idx = val_rng.integers(0, len(x_val), (steps, args.val_batch))
+  xt, yt = jnp.asarray(x_test[:args.test_subset]), jnp.asarray(y_test[:args.test_subset])
+  batch = lambda i: (jnp.asarray(x_train[order[i * b:(i + 1) * b]]),
+                     jnp.asarray(y_train[order[i * b:(i + 1) * b]]))
+  val_batch = lambda i: (jnp.asarray(x_val[val_idx[i]]), jnp.asarray(y_val[val_idx[i]]))
+
+  accuracy = jax.jit(lambda p, x, y: jnp.mean(jnp.argmax(apply(p, x), -1) == y)).lower(
+      params, xt, yt).compile()
+
+  if entry.drive == 'kfac':
+    kfac_jax = _import_kfac()
+
+    def kfac_loss(p, data):
+      logits = apply(p, data[0])
+      kfac_jax.register_softmax_cross_entropy_loss(logits, data[1])
+      return ce(logits, data[1])
+    opt = entry.make(value, task)(kfac_loss)
+    opt_state = opt.init(params, batch(0))
+    # Warm-up on copies: kfac-jax compiles inside its own jit, one program per kind of step
+    # (curvature/inverse updates every few steps), so run a few steps off the clock.
+    warm = (jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, opt_state))
+    for i in range(min(args.kfac_warmup, steps)):
+      warm = opt.step(*warm[:2], batch(i))[:2]
+    jax.block_until_ready(warm)
+    opt.count = 0
+
+    def do_step(p, s, i):
+      return opt.step(p, s, batch(i))
+  else:
+    tx = optax.with_extra_args_support(entry.make(value, task))
+    opt_state = tx.init(params)
+
+    def step(p, s, x, y, xv, yv):
+      loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
+      if entry.drive == 'curvature':
+        extra = dict(value=loss, value_fn=lambda q: loss_fn(q, x, y),
+                     model_fn=lambda q: apply(q, x), loss_fn=lambda z: ce(z, y))
+      elif entry.drive == 'hpo':
+        extra = dict(train_loss_fn=lambda q: loss_fn(q, x, y),
+                     val_loss_fn=lambda q: loss_fn(q, xv, yv))
+      else:
+        extra = {}
+      updates, s = tx.update(grads, s, p, **extra)
+      return optax.apply_updates(p, updates), s, loss
+    compiled = jax.jit(step).lower(params, opt_state, *batch(0), *val_batch(0)).compile()
+
+    def do_step(p, s, i):
+      return compiled(p, s, *batch(i), *val_batch(i))
+
+  history, ema, clock, hit = [], None, 0.0, None
+  for i in range(steps):
+    t0 = time.perf_counter()
+    params, opt_state, loss = do_step(params, opt_state, i)
+    loss = float(loss)  # waits for the step
+    clock += time.perf_counter() - t0
+    ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+    stopped = args.run_time_limit and clock > args.run_time_limit and i + 1 < steps
+    last = i + 1 == steps or stopped
+    if not np.isfinite(loss):
+      history.append((i + 1, round(clock, 4), None, None))
+      break
+    if (i + 1) % args.eval_every == 0 or last:
+      acc = float(accuracy(params, xt, yt))
+      history.append((i + 1, round(clock, 4), round(ema, 5), round(acc, 5)))
+      if hit is None and acc >= args.target[task]:
+        hit = (i + 1, clock)
+    if stopped:
+      break
+  final = None
+  if np.isfinite(loss) and not stopped:
+    n_final = args.final_test or len(x_test)   # in chunks of the compiled test shape
+    final = float(np.mean([float(accuracy(params, jnp.asarray(x_test[j:j + len(xt)]),
+                                          jnp.asarray(y_test[j:j + len(xt)])))
+                           for j in range(0, n_final - len(xt) + 1, len(xt))]))
+  return dict(steps=steps, wall_s=clock, ms_per_step=1e3 * clock / max(i + 1, 1),
+              final=final, final_train_loss=ema if np.isfinite(loss) else None,
+              target_step=hit and hit[0], target_wall_s=hit and hit[1], history=history,
+              stopped_at=(i + 1) if stopped else None)
+
+
+def ppo_config(args):
+  import ppo
+  cfg = ppo.ENV_CONFIGS['CartPole-v1']
+  if args.smoke:
+    cfg = dataclasses.replace(cfg, num_envs=2, num_steps=64, epochs=1, minibatches=2, hidden=8)
+  return cfg
+
+
+def run_ppo(task, entry, value, seed, args):
+  import ppo
+  cfg = ppo.ENV_CONFIGS['CartPole-v1'] if not args.smoke else ppo_config(args)
+  tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), entry.make(value, task))
+  init, run = ppo.make_gymnax_trainer('CartPole-v1', tx, cfg)
+  runner = jax.jit(init)(jax.random.key(seed))
+  one = jax.jit(run, static_argnums=1).lower(runner, 1).compile()
+  updates = args.ppo_updates
+  history, returns, clock, hit = [], [], 0.0, None
+  for i in range(updates):
+    t0 = time.perf_counter()
+    runner, metrics = one(runner)
+    metrics = jax.tree.map(np.asarray, metrics)  # waits for the update
+    clock += time.perf_counter() - t0
+    ret = float(metrics['return'][0])
+    returns.append(ret)
+    recent = [r for r in returns[-5:] if np.isfinite(r)]
+    level = float(np.mean(recent)) if recent else None
+    history.append((i + 1, round(clock, 4), level and round(level, 3), None))
+    if hit is None and level is not None and len(returns) >= 5 and level >= args.target['ppo']:
+      hit = (i + 1, clock)
+    if args.run_time_limit and clock > args.run_time_limit and i + 1 < updates:
+      return dict(steps=updates, wall_s=clock, ms_per_step=1e3 * clock / (i + 1), final=None,
+                  final_train_loss=None, target_step=hit and hit[0],
+                  target_wall_s=hit and hit[1], history=history, stopped_at=i + 1)
+  finite = jax.tree.leaves(jax.tree.map(lambda x: bool(np.all(np.isfinite(x))), runner.params))
+  last = [r for r in returns[-10:] if np.isfinite(r)]
+  final = float(np.mean(last)) if last and all(finite) else None
+  return dict(steps=updates, wall_s=clock, ms_per_step=1e3 * clock / updates, final=final,
+              final_train_loss=None, target_step=hit and hit[0],
+              target_wall_s=hit and hit[1], history=history, stopped_at=None,
+              env_steps_per_update=cfg.num_envs * cfg.num_steps)
+
+
+def run_one(task, entry, value, seed, args):
+  run = run_ppo if task == 'ppo' else run_classify
+  load = _loadavg()
+  t0 = time.perf_counter()
+  try:
+    out = run(task, entry, value, seed, args)
+    out['error'] = None
+  except Exception as e:  # noqa: BLE001  (a crash is a result: it goes in the table)
+    out = dict(steps=None, wall_s=None, ms_per_step=None, final=None, final_train_loss=None,
+               target_step=None, target_wall_s=None, history=[],
+               error=f'{type(e).__name__}: {str(e)[:300]}')
+  out.update(task=task, entry=entry.name, value=value, seed=seed, loadavg_before=load,
+             seconds_with_compile=time.perf_counter() - t0)
+  return out
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _stats(vals):
+  vals = [v for v in vals if v is not None]
+  if not vals:
+    return None
+  return dict(median=statistics.median(vals), min=min(vals), max=max(vals))
+
+
+def summarize_runs(runs):
+  """Per (task, entry, swept value): medians and ranges over seeds."""
+  out = {}
+  for r in runs:
+    out.setdefault((r['task'], r['entry'], r['value']), []).append(r)
+  rows = []
+  for (task, name, value), rs in out.items():
+    reached = [r for r in rs if r['target_step'] is not None]
+    # Time to target: the median only when most seeds got there.
+    most = len(reached) * 2 > len(rs)
+    rows.append(dict(task=task, entry=name, value=value, seeds=len(rs), reached=len(reached),
+                     target_step=_stats([r['target_step'] for r in reached]) if most else None,
+                     target_wall_s=_stats([r['target_wall_s'] for r in reached]) if most else None,
+                     final=_stats([r['final'] for r in rs]),
+                     ms_per_step=_stats([r['ms_per_step'] for r in rs]),
+                     errors=sorted({r['error'] for r in rs if r['error']})))
+  return rows
+
+
+def board(runs, skips, entries=None):
+  """Per task and entry: the default's row and the best swept value's row (highest median final
+  metric, ties to fewer median steps to target); skips as ``{(task, entry): reason}``."""
+  rows = summarize_runs(runs)
+  names = entries or list(ENTRIES)
+  result = []
+  tasks = list(dict.fromkeys([r['task'] for r in runs] + [t for t, _ in skips]))
+  for task in [t for t in TASKS if t in tasks]:
+    for name in names:
+      if (task, name) in skips:
+        result.append(dict(task=task, entry=name, status='skipped', reason=skips[(task, name)]))
+        continue
+      mine = [r for r in rows if r['task'] == task and r['entry'] == name]
+      if not mine:
+        continue
+      default = ENTRIES[name].default['ppo' if task == 'ppo' else 'classify']
+      d = next((r for r in mine if r['value'] == default), None)
+      key = lambda r: (-(r['final'] or {'median': -np.inf})['median'],
+                       (r['target_step'] or {'median': np.inf})['median'])
+      best = min(mine, key=key)
+      errors = sorted({e for r in mine for e in r['errors']})
+      status = 'works' if not errors else 'error'
+      result.append(dict(task=task, entry=name, status=status, reason='; '.join(errors),
+                         default=d, best=best, sweep=sorted(
+                             ((r['value'], r['final'] and r['final']['median']) for r in mine),
+                             key=lambda v: (v[0] is None, v[0] or 0))))
+  return result
+
+
+def _fmt(s, fmt, scale=1.0):
+  if s is None:
+    return '—'
+  if s['min'] == s['max']:
+    return format(s['median'] * scale, fmt)
+  return (f"{format(s['median'] * scale, fmt)} ({format(s['min'] * scale, fmt)}–"
+          f"{format(s['max'] * scale, fmt)})")
+
+
+def _num(x):
+  return '?' if x is None else f'{x:.1f}'
+
+
+def markdown(result, meta) -> str:
+  """The leaderboard as GitHub markdown (docs/leaderboard.md)."""
+  a = meta['args']
+  lines = [f"Command: `{meta['command']}`  ",
+           f"jax {meta['jax']}, optax {meta['optax']}, "
+           + ', '.join(f'{k} {v}' for k, v in meta.get('peers', {}).items()) +
+           f"; {meta.get('cpu_count')} CPUs ({meta.get('devices')}); 1-min load average before "
+           f"each run {_num(meta.get('load_min'))}–{_num(meta.get('load_max'))}; runs one after "
+           f"another, interleaved (task → seed → sweep position → entry); "
+           f"{meta.get('seconds', 0):.0f} s in all.", '']
+  for task in dict.fromkeys(r['task'] for r in result):
+    unit = 'updates' if task == 'ppo' else 'steps'
+    metric = ('mean return of the last 10 updates' if task == 'ppo' else
+              f"test accuracy on {a.get('final_test') or 'all 10,000'} test images")
+    target = a['target'][task]
+    lines += [f"### {task}: target {'return' if task == 'ppo' else 'test accuracy'} ≥ {target}; "
+              f"final = {metric} after the budget; medians (min–max) over seeds", '',
+              f'| entry | status | value (default → best) | {unit} to target (default) | s to '
+              f'target (default) | final (default) | {unit} to target (best) | s to target '
+              f'(best) | final (best) | ms/{unit[:-1]} |',
+              '|---|---|---|---|---|---|---|---|---|---|']
+    def rank(r):
+      b = r.get('best')
+      return (r['status'] != 'works', -((b or {}).get('final') or {'median': -1})['median'])
+    for r in sorted([r for r in result if r['task'] == task], key=rank):
+      label = ENTRIES[r['entry']].label
+      if r['status'] == 'skipped':
+        lines.append(f"| {label} | skipped: {r['reason']} |" + ' |' * 8)
+        continue
+      d, b = r['default'], r['best']
+      reach = lambda x: '' if x is None else f" [{x['reached']}/{x['seeds']}]"
+      cell = lambda x, f, k, fmt: '—' if x is None else _fmt(x[k], fmt)
+      shown = lambda v: 'adaptive' if v is None else f'{v:g}'
+      dv = shown(ENTRIES[r['entry']].default['ppo' if task == 'ppo' else 'classify'])
+      status = r['status'] + (f": {r['reason']}" if r['reason'] else '')
+      lines.append(
+          f"| {label} | {status} | {dv} → {shown(b['value'])} | {cell(d, 0, 'target_step', '.0f')}"
+          f"{reach(d)} | {cell(d, 0, 'target_wall_s', '.1f')} | {cell(d, 0, 'final', '.3f')} "
+          f"| {cell(b, 0, 'target_step', '.0f')}{reach(b)} | {cell(b, 0, 'target_wall_s', '.1f')} "
+          f"| {cell(b, 0, 'final', '.3f')} | {cell(b, 0, 'ms_per_step', '.1f')} |")
+    lines.append('')
+  lines.append('value: the learning rate, except ' + '; '.join(
+      f'{e.label}: {e.sweep}' for e in ENTRIES.values() if e.sweep != 'learning_rate') +
+      "; K-FAC's \"adaptive\" is kfac-jax's adaptive learning rate, momentum and damping "
+      '(its README), a number fixes the learning rate (momentum 0.9). Time to target: the '
+      'median only when most seeds reached it, [reached/seeds]. Best: highest median final '
+      'metric over the sweep.')
+  return '\n'.join(lines)
+
+
+def plot(runs, result, path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  tasks = list(dict.fromkeys(r['task'] for r in result if r['status'] != 'skipped'))
+  fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+  for ax, task in zip(axes[0], tasks):
+    for r in result:
+      if r['task'] != task or r['status'] == 'skipped' or r['best'] is None:
+        continue
+      # The median seed's curve at the best value (by final metric).
+      rs = [x for x in runs if x['task'] == task and x['entry'] == r['entry']
+            and x['value'] == r['best']['value'] and x['history']]
+      if not rs:
+        continue
+      rs.sort(key=lambda x: x['final'] if x['final'] is not None else -np.inf)
+      h = rs[len(rs) // 2]['history']
+      ax.plot([p[1] for p in h], [p[2] for p in h], label=ENTRIES[r['entry']].label)
+    ax.set_xlabel('training wall seconds')
+    ax.set_ylabel('return (mean of last 5 updates)' if task == 'ppo' else 'train loss (EMA 0.9)')
+    ax.set_title(f'{task}: median seed at the best value')
+    if task != 'ppo':
+      ax.set_yscale('log')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _versions():
+  out = {}
+  for dist in ('psgd-jax', 'kfac-jax', 'flax', 'gymnax'):
+    try:
+      from importlib.metadata import version
+      out[dist] = version(dist)
+    except Exception:  # noqa: BLE001
+      out[dist] = None
+  return out
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--tasks', default=','.join(TASKS))
+  p.add_argument('--entries', default=','.join(ENTRIES))
+  p.add_argument('--seeds', type=int, default=3)
+  p.add_argument('--no-sweep', action='store_true', help='published defaults only')
+  p.add_argument('--epochs', type=int, default=2, help='classification budget (same for all)')
+  p.add_argument('--steps', type=int, default=0, help='classification budget in steps (0: epochs)')
+  p.add_argument('--batch-size', type=int, default=128)
+  p.add_argument('--eval-every', type=int, default=25)
+  p.add_argument('--test-subset', type=int, default=2000,
+                 help='test images checked every --eval-every steps (final: the whole set)')
+  p.add_argument('--final-test', type=int, default=0,
+                 help='test images for the final accuracy (0: all 10,000; a multiple of '
+                 '--test-subset)')
+  p.add_argument('--train-subset', type=int, default=0, help='first N training images (0: all)')
+  p.add_argument('--val-size', type=int, default=5000, help='held-out validation split (HPO)')
+  p.add_argument('--val-batch', type=int, default=128)
+  p.add_argument('--ppo-updates', type=int, default=100)
+  p.add_argument('--target-mlp', type=float, default=0.85)
+  p.add_argument('--target-cnn', type=float, default=0.85)
+  p.add_argument('--target-ppo', type=float, default=400.0)
+  p.add_argument('--mlp-hidden', type=lambda s: tuple(int(v) for v in s.split(',')),
+                 default=(256, 256))
+  p.add_argument('--cnn-widths', type=lambda s: tuple(int(v) for v in s.split(',')),
+                 default=(32, 64))
+  p.add_argument('--run-time-limit', type=float, default=1800.0,
+                 help='stop a run whose training wall time passes this many seconds (its '
+                 'final metric is then missing and the run says where it stopped; 0: no limit)')
+  p.add_argument('--kfac-warmup', type=int, default=6,
+                 help='K-FAC warm-up steps on copies (compilation off the clock)')
+  p.add_argument('--data-dir', default=None)
+  p.add_argument('--out', default=os.path.join('results', 'leaderboard.json'))
+  p.add_argument('--markdown', action='store_true', help='print the table as markdown')
+  p.add_argument('--plot', default=None, metavar='PNG', help='loss/return against wall time')
+  p.add_argument('--from-json', default=None, metavar='PATH', help='re-print a saved run')
+  p.add_argument('--smoke', action='store_true',
+                 help='every entry on every task for a few steps on a tiny subset (a test)')
+  args = p.parse_args(argv)
+  if args.smoke:
+    args.seeds, args.no_sweep, args.steps, args.batch_size = 1, True, 3, 32
+    args.eval_every, args.test_subset, args.train_subset = 3, 200, 256
+    args.val_size, args.val_batch, args.ppo_updates, args.kfac_warmup = 256, 32, 2, 1
+    args.mlp_hidden, args.cnn_widths, args.final_test = (32,), (4, 8), 200
+    if args.out == os.path.join('results', 'leaderboard.json'):
+      args.out = os.path.join('results', 'leaderboard_smoke.json')
+  args.target = {'mlp': args.target_mlp, 'cnn': args.target_cnn, 'ppo': args.target_ppo}
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  command = shlex.join([sys.executable, *(sys.argv if argv is None else
+                                          [os.path.abspath(__file__), *argv])])
+  if args.from_json:
+    with open(args.from_json) as f:
+      saved = json.load(f)
+    runs, meta = saved['runs'], saved['meta']
+    skips = {tuple(k.split('/', 1)): v for k, v in saved['skips'].items()}
+    result = board(runs, skips)
+  else:
+    t_start = time.perf_counter()
+    tasks = args.tasks.split(',')
+    names = args.entries.split(',')
+    unknown = [n for n in names if n not in ENTRIES] + [t for t in tasks if t not in TASKS]
+    if unknown:
+      raise SystemExit(f'unknown entries/tasks: {unknown}')
+    skips, plan = {}, []
+    for task in tasks:
+      kind = 'ppo' if task == 'ppo' else 'classify'
+      for name in names:
+        reason = skip_reason(ENTRIES[name], task)
+        if reason:
+          skips[(task, name)] = reason
+      for seed in range(args.seeds):
+        width = max(len(ENTRIES[n].grid[kind] or [None]) for n in names)
+        for pos in range(1 if args.no_sweep else width):  # interleaved: position, then entry
+          for name in names:
+            e = ENTRIES[name]
+            if (task, name) in skips:
+              continue
+            values = [e.default[kind]] if args.no_sweep else (
+                [e.default[kind]] + [v for v in (e.grid[kind] or []) if v != e.default[kind]])
+            if pos < len(values):
+              plan.append((task, name, values[pos], seed))
+    runs = []
+    for k, (task, name, value, seed) in enumerate(plan):
+      r = run_one(task, ENTRIES[name], value, seed, args)
+      runs.append(r)
+      print(f"[{k + 1}/{len(plan)} {task} {name} {value} seed {seed}: final {r['final']}, "
+            f"target@{r['target_step']}, {r['seconds_with_compile']:.1f}s"
+            f"{' ' + r['error'] if r['error'] else ''}; "
+            f"{time.perf_counter() - t_start:.0f}s total]", file=sys.stderr, flush=True)
+    loads = [r['loadavg_before'] for r in runs if r['loadavg_before'] is not None]
+    meta = dict(command=command, args={k: v for k, v in vars(args).items()},
+                jax=jax.__version__, optax=optax.__version__, peers=_versions(),
+                load_min=min(loads, default=None), load_max=max(loads, default=None),
+                cpu_count=os.cpu_count(), devices=str(jax.devices()),
+                seconds=time.perf_counter() - t_start)
+    result = board(runs, skips, names)
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+    with open(args.out, 'w') as f:
+      json.dump(dict(meta=meta, board=result, runs=runs,
+                     skips={f'{t}/{n}': v for (t, n), v in skips.items()}), f, indent=1,
+                default=lambda x: None)
+  if args.markdown:
+    print(markdown(result, meta))
+  else:
+    for r in result:
+      print(r['task'], r['entry'], r['status'], r.get('reason', ''),
+            '' if r['status'] == 'skipped' else (r['best'] or {}).get('final'))
+  if args.plot:
+    plot(runs, result, args.plot)
+  return dict(meta=meta, board=result, runs=runs)
+
+
+if __name__ == '__main__':
+  main()

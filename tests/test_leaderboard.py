@@ -1,0 +1,98 @@
+"""benchmarks/leaderboard.py: the registry covers every optimiser fop_optax exports, and
+``--smoke`` runs every entry on every task (finite metrics, or an explicit skip reason)."""
+
+import inspect
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+sys.path.insert(0, os.path.join(ROOT, 'examples'))
+
+import fop_optax  # noqa: E402
+
+leaderboard = pytest.importorskip('leaderboard')
+
+# Exported callables that are building blocks, not optimisers a user would pick: the
+# transformations behind the aliases (scale_by_*), the guard every alias already wraps, and
+# helpers. Anything else exported must be a leaderboard entry.
+NOT_OPTIMISERS = {'skip_nonfinite', 'resolve_structures', 'lodo_preconditioner',
+                  'scale_by_learned_preconditioner'}
+
+
+def exported_optimisers():
+  names = set()
+  for name in fop_optax.__all__:
+    obj = getattr(fop_optax, name)
+    if inspect.ismodule(obj) or inspect.isclass(obj) or not callable(obj):
+      continue
+    if name.startswith('scale_by_') or name in NOT_OPTIMISERS:
+      continue
+    names.add(name)
+  return names
+
+
+def test_registry_covers_every_exported_optimiser():
+  covered = {c for e in leaderboard.ENTRIES.values() for c in e.covers}
+  missing = exported_optimisers() - covered
+  assert not missing, f'fop_optax exports optimisers with no leaderboard entry: {missing}'
+  assert {'fop', 'fop_adam', 'sgd_hd', 'adam_hd', 'lodo', 'adam_qlr', 'series_sfn',
+          'one_pass_hpo', 'one_pass_hpo_injected'} <= exported_optimisers()
+  # and the peers the issue names
+  assert {'momentum', 'adam', 'muon', 'psgd_kron', 'kfac', 'shampoo'} <= set(leaderboard.ENTRIES)
+  for e in leaderboard.ENTRIES.values():
+    assert e.drive in ('grad', 'curvature', 'hpo', 'kfac'), e
+    for kind in ('classify', 'ppo'):
+      if e.grid[kind] and e.default[kind] is not None:
+        assert e.default[kind] in e.grid[kind], (e.name, kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('task', leaderboard.TASKS)
+def test_smoke_every_entry(task, tmp_path):
+  if task != 'ppo':
+    from common import FASHION_MNIST_DIR
+    if not os.path.isdir(FASHION_MNIST_DIR):
+      pytest.skip('Fashion-MNIST not installed')
+  else:
+    pytest.importorskip('gymnax')
+  out = leaderboard.main(['--smoke', '--tasks', task, '--out', str(tmp_path / 'lb.json'),
+                          '--markdown', '--plot', str(tmp_path / 'lb.png')])
+  rows = {r['entry']: r for r in out['board']}
+  assert set(rows) == set(leaderboard.ENTRIES)
+  for name, r in rows.items():
+    if r['status'] == 'skipped':
+      assert r['reason'], name
+      continue
+    assert r['status'] == 'works', (name, r['reason'])
+    final = r['default']['final']
+    assert final is not None and math.isfinite(final['median']), (name, r)
+    assert r['default']['ms_per_step'] is not None
+  # Only entries that cannot run here are skipped: the gradient-driven ones run everywhere.
+  for name in ('momentum', 'adam', 'fop', 'fop_adam', 'shd', 'lodo', 'muon'):
+    assert rows[name]['status'] == 'works', name
+  if task != 'ppo':
+    for name in ('adam_qlr', 'series_sfn', 'one_pass_hpo', 'one_pass_adam'):
+      assert rows[name]['status'] == 'works', name
+  assert out['meta']['command'] and os.path.isfile(tmp_path / 'lb.json')
+  assert os.path.isfile(tmp_path / 'lb.png')
+  again = leaderboard.main(['--from-json', str(tmp_path / 'lb.json'), '--markdown'])
+  assert [r['status'] for r in again['board']] == [r['status'] for r in out['board']]
+
+
+def test_best_value_is_the_highest_median_final():
+  runs = []
+  for value, finals in ((0.05, [0.80, 0.82, 0.81]), (0.5, [0.84, 0.83, 0.30]),
+                        (0.005, [0.70, 0.71, 0.72])):
+    for seed, f in enumerate(finals):
+      runs.append(dict(task='mlp', entry='momentum', value=value, seed=seed, final=f,
+                       target_step=100 if f > 0.8 else None, target_wall_s=1.0 if f > 0.8 else
+                       None, ms_per_step=1.0, error=None, history=[]))
+  (row,) = leaderboard.board(runs, {}, ['momentum'])
+  assert row['default']['value'] == 0.05 and row['best']['value'] == 0.5
+  assert row['best']['final']['median'] == pytest.approx(0.83)
+  assert row['default']['target_step']['median'] == 100
+  assert row['best']['reached'] == 2   # 2 of 3 seeds: the median is still given
