@@ -421,6 +421,45 @@ def plot(out: str, path: str, names: Sequence[str] | None = None) -> None:
   plt.close(fig)
 
 
+def summary(out: str, names: Sequence[str] | None = None, target: float = 0.89) -> str:
+  """A markdown table of the JSON files under ``out``: mean ± std over seeds.
+
+  Columns: final test accuracy and loss, the best test accuracy of any epoch, the accuracy at
+  the epoch before the learning-rate decay, the first step whose test accuracy reaches
+  ``target`` (median over seeds; '–' if a seed never does), the final train loss, and for FOP
+  variants the largest ``λ_max(P)`` and smallest mean eigenvalue over the leaves at the end.
+  """
+  names = names or [n for n in ALL_OPTIMIZERS if os.path.exists(os.path.join(out, f'{n}.json'))]
+  ms = lambda a: f'{np.mean(a):.4f} ± {np.std(a):.4f}'
+  lines = ['| optimiser | seeds | steps | final test acc | final test loss | best test acc | '
+           f'acc before decay | steps to {target} | final train loss | λ_max(P) end | '
+           'mean eig(P) end | wall min |', '|' + '---|' * 12]
+  for name in names:
+    p = os.path.join(out, f'{name}.json')
+    if not os.path.exists(p):
+      continue
+    with open(p) as f:
+      rec = json.load(f)
+    hist = rec['history']
+    steps = np.asarray(hist['step'])
+    acc = np.array([h['test_accuracy'] for h in hist['seeds']], dtype=float)
+    loss = np.array([h['test_loss'] for h in hist['seeds']], dtype=float)
+    train = np.array([h['train_loss'] for h in hist['seeds']], dtype=float)
+    before = np.searchsorted(steps, rec['decay_step'], side='right') - 1
+    hits = [steps[np.argmax(a >= target)] if (a >= target).any() else None for a in acc]
+    hit = '–' if None in hits else f'{int(np.median(hits))}'
+    lam = mean_eig = '–'
+    if 'lambda_max' in hist['seeds'][0]:
+      lam = f"{max(max(h['lambda_max'][k][-1] for k in h['lambda_max']) for h in hist['seeds']):.4f}"
+      mean_eig = f"{min(min(h['lambda_mean'][k][-1] for k in h['lambda_mean']) for h in hist['seeds']):.4f}"
+    lines.append(
+        f"| {rec['label']}{'' if rec['done'] else ' (running)'} | {acc.shape[0]} | {int(steps[-1])} | "
+        f'{ms(acc[:, -1])} | {ms(loss[:, -1])} | {ms(acc.max(1))} | '
+        f"{ms(acc[:, before]) if before >= 0 else '–'} | {hit} | {ms(train[:, -1])} | {lam} | "
+        f"{mean_eig} | {hist['wall_seconds'][-1] / 60:.1f} |")
+  return '\n'.join(lines)
+
+
 # --------------------------------------------------------------------------- main
 
 def _seeds(text: str) -> list[int]:
@@ -456,6 +495,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       help='stop (and checkpoint) after this step; rerun to continue')
   parser.add_argument('--out', default='results/paper_length')
   parser.add_argument('--plot', default=None, help='save the figure here (PNG)')
+  parser.add_argument('--summary', action='store_true',
+                      help='print a markdown table of the results under --out (mean ± std over seeds)')
+  parser.add_argument('--target', type=float, default=0.89, help='test accuracy for --summary')
   parser.add_argument('--smoke', action='store_true',
                       help='tiny config: momentum+fop, 512/256 examples, 24 steps, 2 seeds')
   parser.add_argument('--quiet', action='store_true')
@@ -499,6 +541,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                   progress=not args.quiet)
   if args.plot:
     plot(args.out, args.plot, names)
+  if args.summary:
+    print(summary(args.out, names, args.target))
   return results
 
 

@@ -141,3 +141,14 @@ def test_plot(runs, tmp_path):
   path = str(tmp_path / 'curves.png')
   paper_length.plot(runs['dirs']['whole'], path)
   assert os.path.getsize(path) > 1000
+
+
+def test_summary_is_mean_and_std_over_seeds(runs):
+  table = paper_length.summary(runs['dirs']['whole'], target=0.0)
+  lines = table.splitlines()
+  assert lines[0].startswith('| optimiser |') and len(lines) == 4   # header, rule, 2 optimisers
+  rec = _load(runs['dirs']['whole'], 'fop')
+  acc = [h['test_accuracy'][-1] for h in rec['history']['seeds']]
+  row = next(line for line in lines if line.startswith('| FOP'))
+  assert f'{np.mean(acc):.4f} ± {np.std(acc):.4f}' in row
+  assert '| 4 |' in row   # target 0: reached at the first evaluation (step 4)
