@@ -152,3 +152,18 @@ def test_summary_is_mean_and_std_over_seeds(runs):
   row = next(line for line in lines if line.startswith('| FOP'))
   assert f'{np.mean(acc):.4f} ± {np.std(acc):.4f}' in row
   assert '| 4 |' in row   # target 0: reached at the first evaluation (step 4)
+
+
+def test_budget_study_pairs_fop_with_momentum_of_the_same_length(runs, tmp_path):
+  import budget_study
+  whole = runs['dirs']['whole']
+  os.symlink(whole, tmp_path / 'steps40')            # momentum.json
+  os.symlink(whole, tmp_path / 'steps40_h0.0001')    # fop.json
+  os.symlink(whole, tmp_path / 'steps80_h0.01')      # no 80-step momentum: left out
+  rows = budget_study.main(['--root', str(tmp_path), '--plot', str(tmp_path / 'gain.png')])
+  assert len(rows) == 1 and rows[0]['steps'] == 40 and rows[0]['hyper_lr'] == 1e-4
+  fop = np.array([h['test_accuracy'][-1] for h in _load(whole, 'fop')['history']['seeds']])
+  mom = np.array([h['test_accuracy'][-1] for h in _load(whole, 'momentum')['history']['seeds']])
+  np.testing.assert_allclose(rows[0]['gain'], np.mean(fop - mom))
+  assert rows[0]['gain_min'] == np.min(fop - mom) and rows[0]['budget'] == pytest.approx(40e-4)
+  assert os.path.getsize(tmp_path / 'gain.png') > 1000
