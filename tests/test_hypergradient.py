@@ -182,8 +182,9 @@ def test_guard_clips_eigenvalues_above_the_bound_and_keeps_the_rest(name, struct
 
 def test_default_hyper_step_is_calibrated_per_leaf():
   """The default Adam hyper step is scaled per leaf; a user's hyper_optimizer is not."""
-  shapes = {'conv': (3, 3, 2, 4), 'dense': (64, 8), 'wide': (784, 16), 'bias': (16,)}
-  factors = {'conv': 1.0, 'dense': 9 / 64, 'wide': 9 / np.sqrt(784 * 8), 'bias': 1.0}
+  # 'dense' has 32 rows (full under max_full_dim = 32), 'wide' 784 (low rank, r = 8).
+  shapes = {'conv': (3, 3, 2, 4), 'dense': (32, 8), 'wide': (784, 16), 'bias': (16,)}
+  factors = {'conv': 1.0, 'dense': 9 / 32, 'wide': 9 / np.sqrt(784 * 8), 'bias': 1.0}
   key = jax.random.key(5)
   params = {k: jax.random.normal(jax.random.fold_in(key, i), s) for i, (k, s) in enumerate(shapes.items())}
   # Two calls: the first stores G_0, the second takes one hyper step from the same M_0

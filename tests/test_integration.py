@@ -1,5 +1,7 @@
 """fop_optax inside the wrappers and frameworks users already have."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,22 +91,27 @@ def test_vmap_over_independent_states():
                                       rtol=2e-4, atol=1e-5)
 
 
-def test_no_lapack_qr_when_vmapped():
-  """FOP's graph has no QR: a batched LAPACK QR can deadlock XLA:CPU's thread pool.
+def test_no_batched_lapack_call_when_vmapped():
+  """FOP's vmapped graph has no *batched* LAPACK call: one can deadlock XLA:CPU's thread pool.
 
   Seen with jax 0.10.2 on 2 cores (a PPO run over seeds hung for 90 minutes): both pool
   workers sat in ``lapack_sgeqrf_ffi`` → ``ParallelBatchMap``, waiting for tasks queued
-  behind themselves. Low-rank ``U`` starts from Gram–Schmidt instead, and the guard uses
-  symmetric eigensolvers and Cholesky only.
+  behind themselves. Under ``vmap`` the guard's QR, eigensolvers and Cholesky
+  (``fop_optax._linalg``) loop over the batch with unbatched calls (``num_batch_dims = 0``),
+  which run inline; low-rank ``U`` starts from Gram–Schmidt (no QR at all in ``init``).
   """
   tx = fop_optax.fop(0.05, structures='low_rank', rank=2)
   stacked = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), PARAMS)
   states = jax.vmap(tx.init)(stacked)
   grads = jax.vmap(jax.grad(loss))(stacked)
-  for fn, args in ((jax.vmap(tx.init), (stacked,)),
-                   (jax.vmap(tx.update), (grads, states, stacked))):
-    text = jax.jit(fn).lower(*args).as_text()
-    assert 'geqrf' not in text and 'householder' not in text.lower()
+  texts = {}
+  for name, fn, args in (('init', jax.vmap(tx.init), (stacked,)),
+                         ('update', jax.vmap(tx.update), (grads, states, stacked))):
+    texts[name] = jax.jit(fn).lower(*args).as_text()
+  assert 'lapack' not in texts['init']
+  calls = re.findall(r'custom_call @(lapack_\w+)\(.*?num_batch_dims = "(\d+)"', texts['update'])
+  assert {c for c, _ in calls} >= {'lapack_sgeqrf_ffi', 'lapack_ssyevd_ffi'}, calls   # the check is real
+  assert all(batch == '0' for _, batch in calls), calls
   # and the low-rank U it starts from is orthonormal, so P = I
   u = fop_optax.diagnostics.find_fop_state(states).preconditioners
   for m in jax.tree.leaves(u):
