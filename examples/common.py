@@ -261,12 +261,10 @@ def _eval_step(model, x, y, mask):
   return (losses * mask).sum(), correct.sum()
 
 
-def evaluate(model, x, y, batch_size: int = 1000):
-  """Mean loss and accuracy over ``(x, y)``; the last batch is padded so one shape compiles."""
-  n = len(x)
-  batch_size = min(batch_size, n)
-  total_loss, total_correct = 0.0, 0
-  for start in range(0, n, batch_size):
+def padded_batches(x, y, batch_size: int = 1000):
+  """``(xb, yb, mask)`` over ``(x, y)``; the last batch is zero-padded (``mask`` 0) so one shape compiles."""
+  batch_size = min(batch_size, len(x))
+  for start in range(0, len(x), batch_size):
     xb, yb = x[start:start + batch_size], y[start:start + batch_size]
     mask = np.ones(batch_size, np.float32)
     if len(xb) < batch_size:
@@ -274,10 +272,17 @@ def evaluate(model, x, y, batch_size: int = 1000):
       mask[len(xb):] = 0
       xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
       yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
+    yield xb, yb, mask
+
+
+def evaluate(model, x, y, batch_size: int = 1000):
+  """Mean loss and accuracy over ``(x, y)``; the last batch is padded so one shape compiles."""
+  total_loss, total_correct = 0.0, 0
+  for xb, yb, mask in padded_batches(x, y, batch_size):
     loss, correct = _eval_step(model, xb, yb, mask)
     total_loss += float(loss)
     total_correct += int(correct)
-  return total_loss / n, total_correct / n
+  return total_loss / len(x), total_correct / len(x)
 
 
 def train(model_fn, tx, data, *, epochs: int, batch_size: int, seed: int, progress: bool = True,

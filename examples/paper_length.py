@@ -198,20 +198,11 @@ class Runner:
 
   def evaluate(self, params, x, y, batch_size: int = 1000):
     """Per-seed mean loss and accuracy over ``(x, y)`` (last batch padded: one shape)."""
-    n = len(x)
-    batch_size = min(batch_size, n)
     loss, correct = 0.0, 0.0
-    for start in range(0, n, batch_size):
-      xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-      mask = np.ones(batch_size, np.float32)
-      if len(xb) < batch_size:
-        pad = batch_size - len(xb)
-        mask[len(xb):] = 0
-        xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
-        yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
+    for xb, yb, mask in common.padded_batches(x, y, batch_size):
       l, c = self.eval_batch(params, xb, yb, mask)
       loss, correct = loss + np.asarray(l, np.float64), correct + np.asarray(c, np.float64)
-    return loss / n, correct / n
+    return loss / len(x), correct / len(x)
 
 
 # The compiled functions depend on the config but not on the seeds (a new seed count only adds a
@@ -378,20 +369,23 @@ def run_optimizer(name: str, config: dict, data, model_fn, out: str, *, ckpt_eve
 
 # --------------------------------------------------------------------------- plot
 
+def _records(out: str, names: Sequence[str] | None = None):
+  """The JSON records under ``out`` of ``names`` (default: every optimiser with one), in order."""
+  for name in names or ALL_OPTIMIZERS:
+    path = os.path.join(out, f'{name}.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        yield json.load(f)
+
+
 def plot(out: str, path: str, names: Sequence[str] | None = None) -> None:
   """Test accuracy vs step (median over seeds, min–max band) and λ_max(P) of FOP variants."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  names = names or [n for n in ALL_OPTIMIZERS if os.path.exists(os.path.join(out, f'{n}.json'))]
   fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
   title, decay = '', None
-  for name in names:
-    p = os.path.join(out, f'{name}.json')
-    if not os.path.exists(p):
-      continue
-    with open(p) as f:
-      rec = json.load(f)
+  for rec in _records(out, names):
     hist, cfg = rec['history'], rec['config']
     decay = rec['decay_step']
     title = f'{cfg["dataset"]} {cfg["model"]}, batch {cfg["batch_size"]}, lr {cfg["lr"]}'
@@ -429,17 +423,11 @@ def summary(out: str, names: Sequence[str] | None = None, target: float = 0.89) 
   ``target`` (median over seeds; '–' if a seed never does), the final train loss, and for FOP
   variants the largest ``λ_max(P)`` and smallest mean eigenvalue over the leaves at the end.
   """
-  names = names or [n for n in ALL_OPTIMIZERS if os.path.exists(os.path.join(out, f'{n}.json'))]
   ms = lambda a: f'{np.mean(a):.4f} ± {np.std(a):.4f}'
   lines = ['| optimiser | seeds | steps | final test acc | final test loss | best test acc | '
            f'acc before decay | steps to {target} | final train loss | λ_max(P) end | '
            'mean eig(P) end | wall min |', '|' + '---|' * 12]
-  for name in names:
-    p = os.path.join(out, f'{name}.json')
-    if not os.path.exists(p):
-      continue
-    with open(p) as f:
-      rec = json.load(f)
+  for rec in _records(out, names):
     hist = rec['history']
     steps = np.asarray(hist['step'])
     acc = np.array([h['test_accuracy'] for h in hist['seeds']], dtype=float)
