@@ -695,11 +695,11 @@ class LowRank(Structure):
     # With H = ∂J/∂M = −η M S, S = G_t G_pᵀ + G_p G_tᵀ (never formed):
     # ∂J/∂U = H V = −η M (S V) and ∂J/∂V = Hᵀ U = −η S (Mᵀ U); with
     # X = [V, MᵀU] both come from S X = G_t (G_pᵀ X) + G_p (G_tᵀ X).
-    left, x = self._factors(m)
     r = u.shape[1]
     if self._clips and not self._empty(m):
-      sx = self._clipped_sx(m, gt, gp)
+      sx = self._clipped_sx(m, gt, gp)   # takes X̃ = QᵀX from the span basis
     else:
+      left, x = self._factors(m)
       xgp = _contract_rows(x, gp, rows)
       sx = _contract_cols(gt, xgp, rows) + _contract_cols(gp, _contract_rows(x, gt, rows), rows)
     du, dv = self._m(m, sx[:, :r]), sx[:, r:]
