@@ -81,11 +81,16 @@ board needs a GPU (or days).
 
 from __future__ import annotations
 
+import os
+
+# jaxlib's CPU QR (FOP's low-rank guard) calls OpenBLAS, whose threads stall 10-40x on a busy CPU
+# (docs/troubleshooting.md); set before jax loads it.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
 import argparse
 import dataclasses
 import importlib
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -572,7 +577,9 @@ def markdown(result, meta) -> str:
            f"; {meta.get('cpu_count')} CPUs ({meta.get('devices')}); 1-min load average before "
            f"each run {_num(meta.get('load_min'))}–{_num(meta.get('load_max'))}; runs one after "
            f"another, interleaved (task → seed → sweep position → entry); "
-           f"{meta.get('seconds', 0):.0f} s in all.", '']
+           f"{meta.get('seconds', 0):.0f} s in all"
+           + (f" (this call; {meta['resumed_runs']} runs resumed from an earlier call's partial "
+              "file)" if meta.get('resumed_runs') else '') + '.', '']
   for task in dict.fromkeys(r['task'] for r in result):
     unit = 'updates' if task == 'ppo' else 'steps'
     metric = ('mean return of the last 10 updates' if task == 'ppo' else
@@ -691,6 +698,9 @@ def parse_args(argv=None):
                  help='K-FAC warm-up steps on copies (compilation off the clock)')
   p.add_argument('--data-dir', default=None)
   p.add_argument('--out', default=os.path.join('results', 'leaderboard.json'))
+  p.add_argument('--resume', action='store_true',
+                 help='keep the runs already in --out\'s partial file (OUT.partial.jsonl, '
+                 'written after every run) and do only the rest of the plan')
   p.add_argument('--markdown', action='store_true', help='print the table as markdown')
   p.add_argument('--plot', default=None, metavar='PNG', help='loss/return against wall time')
   p.add_argument('--from-json', default=None, metavar='PATH', help='re-print a saved run')
@@ -743,10 +753,23 @@ def main(argv=None):
                 [e.default[kind]] + [v for v in (e.grid[kind] or []) if v != e.default[kind]])
             if pos < len(values):
               plan.append((task, name, values[pos], seed))
-    runs = []
+    runs, resumed = [], 0
+    partial = args.out + '.partial.jsonl'
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+    if args.resume and os.path.exists(partial):
+      with open(partial) as f:
+        runs = [json.loads(line) for line in f if line.strip()]
+      resumed = len(runs)
+    elif os.path.exists(partial):
+      os.remove(partial)
+    done = {(r['task'], r['entry'], r['value'], r['seed']) for r in runs}
     for k, (task, name, value, seed) in enumerate(plan):
+      if (task, name, value, seed) in done:
+        continue
       r = run_one(task, ENTRIES[name], value, seed, args)
       runs.append(r)
+      with open(partial, 'a') as f:   # a stopped board resumes from here (--resume)
+        f.write(json.dumps(r, default=lambda x: None) + '\n')
       print(f"[{k + 1}/{len(plan)} {task} {name} {value} seed {seed}: final {r['final']}, "
             f"target@{r['target_step']}, {r['seconds_with_compile']:.1f}s"
             f"{' ' + r['error'] if r['error'] else ''}; "
@@ -756,9 +779,11 @@ def main(argv=None):
                 jax=jax.__version__, optax=optax.__version__, peers=_versions(),
                 load_min=min(loads, default=None), load_max=max(loads, default=None),
                 cpu_count=os.cpu_count(), devices=str(jax.devices()),
-                seconds=time.perf_counter() - t_start)
+                seconds=time.perf_counter() - t_start, resumed_runs=resumed)
+    # Entries resumed from the partial file stay on the board even when this call's --entries
+    # leaves them out (e.g. a costly entry run for fewer seeds in an earlier call).
+    names = [n for n in ENTRIES if n in names or any(r['entry'] == n for r in runs)]
     result = board(runs, skips, names)
-    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
     with open(args.out, 'w') as f:
       json.dump(dict(meta=meta, board=result, runs=runs,
                      skips={f'{t}/{n}': v for (t, n), v in skips.items()}), f, indent=1,

@@ -103,3 +103,33 @@ def test_best_value_is_the_highest_median_final():
   assert row['best']['final']['median'] == pytest.approx(0.83)
   assert row['default']['target_step']['median'] == 100
   assert row['best']['reached'] == 2   # 2 of 3 seeds: the median is still given
+
+
+def test_resume_runs_only_what_the_partial_file_lacks(tmp_path, monkeypatch):
+  """Every finished run is appended to OUT.partial.jsonl; ``--resume`` keeps those and runs the
+  rest of the plan; entries resumed but left out of this call's --entries stay on the board."""
+  calls = []
+
+  def fake_run_one(task, entry, value, seed, args):
+    calls.append((entry.name, value, seed))
+    return dict(task=task, entry=entry.name, value=value, seed=seed, final=0.5 + seed / 10,
+                target_step=None, target_wall_s=None, ms_per_step=1.0, error=None, history=[],
+                seconds_with_compile=0.0, loadavg_before=None)
+  monkeypatch.setattr(leaderboard, 'run_one', fake_run_one)
+  out = str(tmp_path / 'lb.json')
+  base = ['--tasks', 'mlp', '--no-sweep', '--seeds', '2', '--out', out]
+  leaderboard.main([*base, '--entries', 'momentum,fop'])
+  assert calls == [('momentum', 0.05, 0), ('fop', 0.05, 0), ('momentum', 0.05, 1),
+                   ('fop', 0.05, 1)]
+  with open(out + '.partial.jsonl') as f:
+    assert len(f.readlines()) == 4
+  calls.clear()
+  res = leaderboard.main([*base, '--seeds', '3', '--entries', 'momentum,adam', '--resume'])
+  assert calls == [('adam', 0.001, 0), ('adam', 0.001, 1), ('momentum', 0.05, 2),
+                   ('adam', 0.001, 2)]
+  rows = {r['entry']: r for r in res['board']}
+  assert set(rows) == {'momentum', 'adam', 'fop'} and rows['fop']['default']['seeds'] == 2
+  assert rows['momentum']['default']['seeds'] == 3 and res['meta']['resumed_runs'] == 4
+  calls.clear()
+  leaderboard.main([*base, '--entries', 'momentum'])   # without --resume: starts afresh
+  assert calls == [('momentum', 0.05, 0), ('momentum', 0.05, 1)]

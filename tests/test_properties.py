@@ -44,7 +44,7 @@ def trees(draw):
   return params, grads, structures, normalize
 
 
-PROPERTY_SETTINGS = settings(max_examples=25, deadline=None,
+PROPERTY_SETTINGS = settings(max_examples=12, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -89,7 +89,7 @@ def test_lambda_max_never_exceeds_the_bound(structures, bound):
   assert np.isfinite(lams).all()
   assert int(state.skipped_steps) == 0
   # Every structure holds to rounding, low rank included: it applies P̃ = I + Q (f(Ŝ) − I) Qᵀ
-  # on an orthonormal basis Q of span(U, V) (numerically dependent columns dropped).
+  # on an orthonormal basis Q of span(U, V) (a Householder QR of the normalised [U, V]).
   tol = RTOL
   assert (lams <= bound * (1 + tol)).all(), lams.max(axis=0)
   # Not vacuous: without the guard the same run's P does go past the bound.
