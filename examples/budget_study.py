@@ -92,6 +92,7 @@ def plot(rows: list[dict], path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  import common  # examples/common.py (this folder is on sys.path)
   fig, ax = plt.subplots(figsize=(6.5, 4))
   for steps in sorted({r['steps'] for r in rows}):
     rs = sorted((r for r in rows if r['steps'] == steps), key=lambda r: r['budget'])
@@ -105,10 +106,7 @@ def plot(rows: list[dict], path: str) -> None:
          ylabel='final test accuracy, FOP − momentum (points)',
          title='FOP vs momentum by budget (Fashion-MNIST MLP)')
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def main(argv=None):

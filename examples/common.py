@@ -390,6 +390,15 @@ def save_json(obj, path: str) -> None:
     json.dump(_jsonable(obj), f, indent=1)
 
 
+def save_figure(fig, path: str, dpi: int = 80) -> None:
+  """Lays out, saves (making the folder) and closes a matplotlib figure."""
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+
+
 def save_csv(rows: Sequence[dict], path: str) -> None:
   """Writes a list of flat dicts as CSV (columns from the first row); makes the folder."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)

@@ -246,7 +246,7 @@ def run(problem, name, seed, args, data):
     total = args.steps or STEPS[problem]
     batches = lambda i: (x_tr, y_tr)
     log_every = max(total // 50, 1)
-  curve, times, scale_checks = [], [], []
+  curve, scale_checks = [], []
   elapsed = 0.0
   for i in range(total):
     xb, yb = batches(i)
@@ -307,6 +307,7 @@ def plot(results, problem, path):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  import common  # examples/common.py (this folder is on sys.path)
   names = list(dict.fromkeys(r['name'] for r in results))
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   for k, name in enumerate(names):
@@ -326,10 +327,7 @@ def plot(results, problem, path):
   axes[1].set_xscale('log')
   axes[0].legend(fontsize=7)
   fig.suptitle(f'{problem}: curvature methods vs first-order baselines')
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  common.save_figure(fig, path, dpi=110)
 
 
 def main(argv=None):

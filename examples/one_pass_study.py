@@ -161,7 +161,6 @@ def run_method(method, h, params0, data, kind, args, batches, val_batches, eval_
   """Trains all inits at once; returns per-init final metrics, curves and seconds."""
   (x, y), (xv, yv), (xt, yt) = data
   loss = make_loss(kind)
-  n_inits = len(h['learning_rate'])
   hj = {k: jnp.asarray(v, jnp.float32) for k, v in h.items()}
   state = jax.vmap(lambda hi, p: make_tx(method, hi).init(p))(hj, params0)
   one_pass = method != 'hd'
@@ -270,9 +269,7 @@ def plot(results, steps_axis, task, kind, path):
       ax.set_yscale('log')
     ax.set_title(f'learned {name} (one line per init)')
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=110)
+  common.save_figure(fig, path, dpi=110)
   print(f'wrote {path}')
 
 

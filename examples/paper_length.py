@@ -409,10 +409,7 @@ def plot(out: str, path: str, names: Sequence[str] | None = None) -> None:
               title='FOP variants: λ_max of each applied P')
   if axes[1].get_legend_handles_labels()[0]:
     axes[1].legend(fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def summary(out: str, names: Sequence[str] | None = None, target: float = 0.89) -> str:

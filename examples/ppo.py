@@ -510,6 +510,7 @@ def plot(runs: dict, env_name: str, path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  import common  # examples/common.py (this folder is on sys.path)
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for name, r in runs.items():
     ret = np.asarray(r['return'], np.float64)
@@ -526,10 +527,7 @@ def plot(runs: dict, env_name: str, path: str) -> None:
     ax.set_ylabel(f'return (median of {seeds} seeds, 95% bootstrap CI)')
     ax.grid(alpha=0.3)
   axes[0].legend()
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, path, dpi=120)
 
 
 def _jsonable(x):

@@ -257,10 +257,7 @@ def plot(results, path: str, title: str, eta: float, momentum: float) -> None:
   axes[2].set(xlabel='step', ylabel='η·λ_max(P·H)', yscale='log',
               title='preconditioned sharpness (1024-example batch)')
   axes[2].legend(fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def main(argv=None):
