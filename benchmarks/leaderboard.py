@@ -108,7 +108,7 @@ for _p in (ROOT, os.path.join(ROOT, 'examples'), os.path.join(ROOT, 'benchmarks'
     sys.path.insert(0, _p)
 import fop_optax  # noqa: E402
 from flax import nnx  # noqa: E402
-from common import CNN, MLP, load_dataset  # noqa: E402
+from common import CNN, MLP, load_dataset, save_figure  # noqa: E402
 from time_to_target import _muon_dims  # noqa: E402  (shared with benchmarks/time_to_target.py)
 
 # ----------------------------------------------------------------------------- peers
@@ -644,10 +644,7 @@ def plot(runs, result, path):
     if task != 'ppo':
       ax.set_yscale('log')
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------- main
