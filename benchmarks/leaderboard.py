@@ -522,6 +522,7 @@ def summarize_runs(runs):
                      target_wall_s=_stats([r['target_wall_s'] for r in reached]) if most else None,
                      final=_stats([r['final'] for r in rs]),
                      ms_per_step=_stats([r['ms_per_step'] for r in rs]),
+                     stopped=sorted(r['stopped_at'] for r in rs if r.get('stopped_at')),
                      errors=sorted({r['error'] for r in rs if r['error']})))
   return rows
 
@@ -585,19 +586,23 @@ def markdown(result, meta) -> str:
     metric = ('mean return of the last 10 updates' if task == 'ppo' else
               f"test accuracy on {a.get('final_test') or 'all 10,000'} test images")
     target = a['target'][task]
+    # Without a sweep (--no-sweep) the best value is the default: one set of columns.
+    swept = any(len(r.get('sweep') or ()) > 1 for r in result if r['task'] == task)
     lines += [f"### {task}: target {'return' if task == 'ppo' else 'test accuracy'} ≥ {target}; "
-              f"final = {metric} after the budget; medians (min–max) over seeds", '',
-              f'| entry | status | value (default → best) | {unit} to target (default) | s to '
-              f'target (default) | final (default) | {unit} to target (best) | s to target '
-              f'(best) | final (best) | ms/{unit[:-1]} |',
-              '|---|---|---|---|---|---|---|---|---|---|']
+              f"final = {metric} after the budget; medians (min–max) over seeds", '']
+    lines += ([f'| entry | status | value (default → best) | {unit} to target (default) | s to '
+               f'target (default) | final (default) | {unit} to target (best) | s to target '
+               f'(best) | final (best) | ms/{unit[:-1]} (best) |',
+               '|---|---|---|---|---|---|---|---|---|---|'] if swept else
+              [f'| entry | status | value (default) | {unit} to target | s to target | final '
+               f'| ms/{unit[:-1]} |', '|---|---|---|---|---|---|---|'])
     def rank(r):
       b = r.get('best')
       return (r['status'] != 'works', -((b or {}).get('final') or {'median': -1})['median'])
     for r in sorted([r for r in result if r['task'] == task], key=rank):
       label = ENTRIES[r['entry']].label
       if r['status'] == 'skipped':
-        lines.append(f"| {label} | skipped: {r['reason']} |" + ' |' * 8)
+        lines.append(f"| {label} | skipped: {r['reason']} |" + ' |' * (8 if swept else 5))
         continue
       d, b = r['default'], r['best']
       reach = lambda x: '' if x is None else f" [{x['reached']}/{x['seeds']}]"
@@ -605,6 +610,15 @@ def markdown(result, meta) -> str:
       shown = lambda v: 'adaptive' if v is None else f'{v:g}'
       dv = shown(ENTRIES[r['entry']].default['ppo' if task == 'ppo' else 'classify'])
       status = r['status'] + (f": {r['reason']}" if r['reason'] else '')
+      if d and d.get('stopped'):
+        status += (f"; {len(d['stopped'])}/{d['seeds']} stopped by --run-time-limit at step "
+                   + ', '.join(map(str, d['stopped'])))
+      if not swept:
+        lines.append(
+            f"| {label} | {status} | {dv} | {cell(d, 0, 'target_step', '.0f')}{reach(d)} "
+            f"| {cell(d, 0, 'target_wall_s', '.1f')} | {cell(d, 0, 'final', '.3f')} "
+            f"| {cell(d, 0, 'ms_per_step', '.1f')} |")
+        continue
       lines.append(
           f"| {label} | {status} | {dv} → {shown(b['value'])} | {cell(d, 0, 'target_step', '.0f')}"
           f"{reach(d)} | {cell(d, 0, 'target_wall_s', '.1f')} | {cell(d, 0, 'final', '.3f')} "
@@ -621,12 +635,17 @@ def markdown(result, meta) -> str:
 
 
 def plot(runs, result, path):
+  """Per task: the median seed's curve at the best value against steps and against training
+  wall seconds (log axis: the entries' costs span three decades)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   tasks = list(dict.fromkeys(r['task'] for r in result if r['status'] != 'skipped'))
-  fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
-  for ax, task in zip(axes[0], tasks):
+  fig, axes = plt.subplots(len(tasks), 2, figsize=(13, 4.8 * len(tasks)), squeeze=False)
+  styles = [(c, ls) for ls in ('-', '--', ':') for c in plt.rcParams['axes.prop_cycle'].by_key()[
+      'color']]
+  for (ax_steps, ax_wall), task in zip(axes, tasks):
+    k = 0
     for r in result:
       if r['task'] != task or r['status'] == 'skipped' or r['best'] is None:
         continue
@@ -637,14 +656,21 @@ def plot(runs, result, path):
         continue
       rs.sort(key=lambda x: x['final'] if x['final'] is not None else -np.inf)
       h = rs[len(rs) // 2]['history']
-      ax.plot([p[1] for p in h], [p[2] for p in h], label=ENTRIES[r['entry']].label)
-    ax.set_xlabel('training wall seconds')
-    ax.set_ylabel('return (mean of last 5 updates)' if task == 'ppo' else 'train loss (EMA 0.9)')
-    ax.set_title(f'{task}: median seed at the best value')
-    if task != 'ppo':
-      ax.set_yscale('log')
-    ax.legend(fontsize=7)
-  save_figure(fig, path, dpi=120)
+      color, ls = styles[k % len(styles)]
+      k += 1
+      for ax, col in ((ax_steps, 0), (ax_wall, 1)):
+        ax.plot([p[col] for p in h], [p[2] for p in h], color=color, ls=ls,
+                label=ENTRIES[r['entry']].label)
+    unit = 'PPO updates' if task == 'ppo' else 'steps'
+    for ax, xlabel in ((ax_steps, unit), (ax_wall, 'training wall seconds (log)')):
+      ax.set_xlabel(xlabel)
+      ax.set_ylabel('return (mean of last 5 updates)' if task == 'ppo' else 'train loss (EMA 0.9)')
+      ax.set_title(f'{task}: median seed at the best value')
+      if task != 'ppo':
+        ax.set_yscale('log')
+    ax_wall.set_xscale('log')
+    ax_steps.legend(fontsize=7, ncol=2)
+  save_figure(fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------------- main
