@@ -76,7 +76,12 @@ extrapolate:
 * PPO: ~14 s compilation and 30-60 ms per update per run, 132 runs: **~45 min**.
 
 So on this machine: ``--tasks ppo`` and ``--tasks mlp --no-sweep`` are practical; the whole
-board needs a GPU (or days).
+board needs a GPU (or days). Measured when they ran (docs/leaderboard.md, load 1.4-5.8): MLP
+``--no-sweep``, 3 seeds, 89 min (LODO 2.9 s/step, stopped by ``--run-time-limit`` after 618
+steps; series SFN 0.66 s/step); PPO with the sweep, 2 seeds, 88 runs, ~45 min; the narrow CNN
+(``--cnn-widths 8,16``) 1.5-2 min a run for the cheap entries, series SFN 24 s/step.
+``--resume`` (every run is appended to ``OUT.partial.jsonl``) lets a board span sessions or
+give a costly entry fewer seeds.
 """
 
 from __future__ import annotations
@@ -596,9 +601,10 @@ def markdown(result, meta) -> str:
                '|---|---|---|---|---|---|---|---|---|---|'] if swept else
               [f'| entry | status | value (default) | {unit} to target | s to target | final '
                f'| ms/{unit[:-1]} |', '|---|---|---|---|---|---|---|'])
-    def rank(r):
-      b = r.get('best')
-      return (r['status'] != 'works', -((b or {}).get('final') or {'median': -1})['median'])
+    def rank(r):  # final metric at the best value, ties (e.g. CartPole's 500) by steps to target
+      b = r.get('best') or {}
+      return (r['status'] != 'works', -(b.get('final') or {'median': -1})['median'],
+              (b.get('target_step') or {'median': np.inf})['median'])
     for r in sorted([r for r in result if r['task'] == task], key=rank):
       label = ENTRIES[r['entry']].label
       if r['status'] == 'skipped':
