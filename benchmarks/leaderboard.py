@@ -574,6 +574,36 @@ def _num(x):
   return '?' if x is None else f'{x:.1f}'
 
 
+def shown(value) -> str:
+  """A swept value as the table shows it (``None``: K-FAC's adaptive learning rate)."""
+  return 'adaptive' if value is None else f'{value:g}'
+
+
+def _cells(s, ms: bool = False) -> list[str]:
+  """Table cells of one setting's summary ``s``: steps to target [reached/seeds], seconds to
+  target, final metric, and (``ms``) milliseconds per step; '—' where ``s`` is None."""
+  keys = [('target_step', '.0f'), ('target_wall_s', '.1f'), ('final', '.3f')]
+  keys += [('ms_per_step', '.1f')] if ms else []
+  if s is None:
+    return ['—'] * len(keys)
+  cells = [_fmt(s[k], fmt) for k, fmt in keys]
+  cells[0] += f" [{s['reached']}/{s['seeds']}]"
+  return cells
+
+
+def _provenance(meta) -> str:
+  """How the runs on the board came about, for the markdown's first lines."""
+  missing = meta.get('missing_runs') or []
+  if meta.get('from_partial'):
+    text = f" (board built from the partial file's {meta['resumed_runs']} runs, nothing run"
+    if missing:
+      text += f"; {len(missing)} planned runs missing: {', '.join(missing)}"
+    return text + ')'
+  if meta.get('resumed_runs'):
+    return f" (this call; {meta['resumed_runs']} runs resumed from an earlier call's partial file)"
+  return ''
+
+
 def markdown(result, meta) -> str:
   """The leaderboard as GitHub markdown (docs/leaderboard.md)."""
   a = meta['args']
@@ -584,8 +614,7 @@ def markdown(result, meta) -> str:
            f"each run {_num(meta.get('load_min'))}–{_num(meta.get('load_max'))}; runs one after "
            f"another, interleaved (task → seed → sweep position → entry); "
            f"{meta.get('seconds', 0):.0f} s in all"
-           + (f" (this call; {meta['resumed_runs']} runs resumed from an earlier call's partial "
-              "file)" if meta.get('resumed_runs') else '') + '.', '']
+           + _provenance(meta) + '.', '']
   for task in dict.fromkeys(r['task'] for r in result):
     unit = 'updates' if task == 'ppo' else 'steps'
     metric = ('mean return of the last 10 updates' if task == 'ppo' else
@@ -611,25 +640,14 @@ def markdown(result, meta) -> str:
         lines.append(f"| {label} | skipped: {r['reason']} |" + ' |' * (8 if swept else 5))
         continue
       d, b = r['default'], r['best']
-      reach = lambda x: '' if x is None else f" [{x['reached']}/{x['seeds']}]"
-      cell = lambda x, f, k, fmt: '—' if x is None else _fmt(x[k], fmt)
-      shown = lambda v: 'adaptive' if v is None else f'{v:g}'
       dv = shown(ENTRIES[r['entry']].default['ppo' if task == 'ppo' else 'classify'])
       status = r['status'] + (f": {r['reason']}" if r['reason'] else '')
       if d and d.get('stopped'):
         status += (f"; {len(d['stopped'])}/{d['seeds']} stopped by --run-time-limit at step "
                    + ', '.join(map(str, d['stopped'])))
-      if not swept:
-        lines.append(
-            f"| {label} | {status} | {dv} | {cell(d, 0, 'target_step', '.0f')}{reach(d)} "
-            f"| {cell(d, 0, 'target_wall_s', '.1f')} | {cell(d, 0, 'final', '.3f')} "
-            f"| {cell(d, 0, 'ms_per_step', '.1f')} |")
-        continue
-      lines.append(
-          f"| {label} | {status} | {dv} → {shown(b['value'])} | {cell(d, 0, 'target_step', '.0f')}"
-          f"{reach(d)} | {cell(d, 0, 'target_wall_s', '.1f')} | {cell(d, 0, 'final', '.3f')} "
-          f"| {cell(b, 0, 'target_step', '.0f')}{reach(b)} | {cell(b, 0, 'target_wall_s', '.1f')} "
-          f"| {cell(b, 0, 'final', '.3f')} | {cell(b, 0, 'ms_per_step', '.1f')} |")
+      row = ([label, status, dv] + _cells(d, ms=True) if not swept else
+             [label, status, f"{dv} → {shown(b['value'])}"] + _cells(d) + _cells(b, ms=True))
+      lines.append('| ' + ' | '.join(row) + ' |')
     lines.append('')
   lines.append('value: the learning rate, except ' + '; '.join(
       f'{e.label}: {e.sweep}' for e in ENTRIES.values() if e.sweep != 'learning_rate') +
@@ -730,6 +748,9 @@ def parse_args(argv=None):
   p.add_argument('--resume', action='store_true',
                  help='keep the runs already in --out\'s partial file (OUT.partial.jsonl, '
                  'written after every run) and do only the rest of the plan')
+  p.add_argument('--from-partial', action='store_true',
+                 help='run nothing: build the board from the runs in --out\'s partial file (a '
+                 'stopped board); the plan\'s runs it lacks are named in the output')
   p.add_argument('--markdown', action='store_true', help='print the table as markdown')
   p.add_argument('--plot', default=None, metavar='PNG', help='loss/return against wall time')
   p.add_argument('--from-json', default=None, metavar='PATH', help='re-print a saved run')
@@ -785,15 +806,21 @@ def main(argv=None):
     runs, resumed = [], 0
     partial = args.out + '.partial.jsonl'
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-    if args.resume and os.path.exists(partial):
+    if args.from_partial and not os.path.exists(partial):
+      raise SystemExit(f'--from-partial: no partial file {partial}')
+    if (args.resume or args.from_partial) and os.path.exists(partial):
       with open(partial) as f:
         runs = [json.loads(line) for line in f if line.strip()]
       resumed = len(runs)
     elif os.path.exists(partial):
       os.remove(partial)
     done = {(r['task'], r['entry'], r['value'], r['seed']) for r in runs}
+    missing = []
     for k, (task, name, value, seed) in enumerate(plan):
       if (task, name, value, seed) in done:
+        continue
+      if args.from_partial:
+        missing.append(f'{task}/{name}/{value}/seed {seed}')
         continue
       r = run_one(task, ENTRIES[name], value, seed, args)
       runs.append(r)
@@ -808,7 +835,13 @@ def main(argv=None):
                 jax=jax.__version__, optax=optax.__version__, peers=_versions(),
                 load_min=min(loads, default=None), load_max=max(loads, default=None),
                 cpu_count=os.cpu_count(), devices=str(jax.devices()),
-                seconds=time.perf_counter() - t_start, resumed_runs=resumed)
+                seconds=time.perf_counter() - t_start, resumed_runs=resumed,
+                from_partial=args.from_partial, missing_runs=missing)
+    if args.from_partial:  # the time the runs took, not this call's
+      meta['seconds'] = sum(r.get('seconds_with_compile') or 0.0 for r in runs)
+    if missing:
+      print(f'{len(missing)} of {len(plan)} planned runs not in {partial}: {", ".join(missing)}',
+            file=sys.stderr)
     # Entries resumed from the partial file stay on the board even when this call's --entries
     # leaves them out (e.g. a costly entry run for fewer seeds in an earlier call).
     names = [n for n in ENTRIES if n in names or any(r['entry'] == n for r in runs)]

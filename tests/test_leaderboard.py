@@ -133,3 +133,14 @@ def test_resume_runs_only_what_the_partial_file_lacks(tmp_path, monkeypatch):
   calls.clear()
   leaderboard.main([*base, '--entries', 'momentum'])   # without --resume: starts afresh
   assert calls == [('momentum', 0.05, 0), ('momentum', 0.05, 1)]
+  calls.clear()
+  # --from-partial runs nothing: the board holds the partial file's runs and names the plan's
+  # missing ones (here seed 2, which the fresh call above did not run).
+  res = leaderboard.main([*base, '--seeds', '3', '--entries', 'momentum', '--from-partial',
+                          '--markdown'])
+  assert calls == [] and res['meta']['missing_runs'] == ['mlp/momentum/0.05/seed 2']
+  assert res['board'][0]['default']['seeds'] == 2
+  text = leaderboard.markdown(res['board'], res['meta'])
+  assert "nothing run; 1 planned runs missing: mlp/momentum/0.05/seed 2" in text
+  with pytest.raises(SystemExit, match='no partial file'):
+    leaderboard.main(['--tasks', 'mlp', '--out', str(tmp_path / 'none.json'), '--from-partial'])
