@@ -119,6 +119,28 @@ def subset(data, n_train: int | None = None, n_test: int | None = None, seed: in
   return x_train, y_train, x_test, y_test
 
 
+def pool_images(data, k: int):
+  """``(x_train, y_train, x_test, y_test)`` with every image average-pooled over ``k×k`` blocks.
+
+  A 28×28 Fashion-MNIST image becomes 14×14 at ``k = 2``: a CNN on it costs about a quarter as
+  much a step on CPU, which is what lets ``examples/paper_length.py`` run a CNN for the paper's
+  58,000 steps here. ``k = 1`` returns ``data`` unchanged.
+
+  Raises:
+    ValueError: ``k`` < 1 or not a divisor of the image height and width.
+  """
+  x_train, y_train, x_test, y_test = data
+  if k == 1:
+    return data
+  n, h, w, c = x_train.shape
+  if k < 1 or h % k or w % k:
+    raise ValueError(f'pool size {k} must be >= 1 and divide the image size {h}x{w}')
+
+  def pool(x):
+    return x.reshape(len(x), h // k, k, w // k, k, c).mean(axis=(2, 4)).astype(x.dtype)
+
+  return pool(x_train), y_train, pool(x_test), y_test
+
 # --------------------------------------------------------------------------- models
 
 class CNN(nnx.Module):

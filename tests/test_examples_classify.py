@@ -56,6 +56,21 @@ def test_digits_split_is_fixed_and_scaled():
   assert set(common.OPTIMIZERS) == set(common.LABELS)
 
 
+def test_pool_images_averages_blocks():
+  rng = np.random.default_rng(0)
+  data = (rng.random((3, 4, 6, 1), dtype=np.float32), np.arange(3),
+          rng.random((2, 4, 6, 1), dtype=np.float32), np.arange(2))
+  x_train, y_train, x_test, y_test = common.pool_images(data, 2)
+  assert x_train.shape == (3, 2, 3, 1) and x_test.shape == (2, 2, 3, 1)
+  assert x_train.dtype == np.float32 and y_train is data[1] and y_test is data[3]
+  np.testing.assert_allclose(x_train[1, 1, 2, 0], data[0][1, 2:4, 4:6, 0].mean(), rtol=1e-6)
+  np.testing.assert_allclose(x_test.mean(), data[2].mean(), rtol=1e-5)
+  assert common.pool_images(data, 1) is data
+  for k in (0, 4):   # 4 does not divide the width 6
+    with pytest.raises(ValueError, match='must be >= 1 and divide'):
+      common.pool_images(data, k)
+
+
 def test_demo_trains_and_saves_plot(tmp_path):
   results = demo.main(['--epochs', '1', '--no-progress', '--out', str(tmp_path)])
   assert (tmp_path / 'demo.png').stat().st_size > 0
