@@ -439,18 +439,12 @@ def test_vmap_over_initial_hyperparameters_matches_separate_runs():
 def test_flax_nnx_optimizer():
   from flax import nnx
 
-  class MLP(nnx.Module):
-    def __init__(self, rngs):
-      self.l1 = nnx.Linear(4, 16, rngs=rngs)
-      self.l2 = nnx.Linear(16, 1, rngs=rngs)
-
-    def __call__(self, x):
-      return self.l2(jax.nn.tanh(self.l1(x)))
+  import nnx_mlp
 
   keys = jax.random.split(jax.random.key(0), 2)
   x, xv = (jax.random.normal(k, (64, 4)) for k in keys)
-  target = lambda x: jnp.sin(x[:, :1]) + x[:, 1:2] ** 2
-  model = MLP(nnx.Rngs(0))
+  target = nnx_mlp.target
+  model = nnx_mlp.MLP(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, fop_optax.one_pass_hpo(0.01, 0.5, period=5), wrt=nnx.Param)
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
 

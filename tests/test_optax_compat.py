@@ -164,17 +164,8 @@ def test_schedule_learning_rate():
 def test_flax_nnx_optimizer_trains():
   from flax import nnx
 
-  class MLP(nnx.Module):
-    def __init__(self, rngs):
-      self.l1 = nnx.Linear(4, 16, rngs=rngs)
-      self.l2 = nnx.Linear(16, 1, rngs=rngs)
-
-    def __call__(self, x):
-      return self.l2(jax.nn.tanh(self.l1(x)))
-
-  x = jax.random.normal(jax.random.key(0), (64, 4))
-  y = jnp.sin(x[:, :1]) + x[:, 1:2] ** 2
-  model = MLP(nnx.Rngs(0))
+  import nnx_mlp
+  model, x, y = nnx_mlp.problem()
   optimizer = nnx.Optimizer(model, fop_optax.fop(0.05), wrt=nnx.Param)
 
   @nnx.jit

@@ -246,17 +246,8 @@ def test_fop_direction_and_flax_nnx():
   """FOP's preconditioned Adam direction as QLR's direction, trained through nnx.Optimizer."""
   from flax import nnx
 
-  class MLP(nnx.Module):
-    def __init__(self, rngs):
-      self.l1 = nnx.Linear(4, 16, rngs=rngs)
-      self.l2 = nnx.Linear(16, 1, rngs=rngs)
-
-    def __call__(self, x):
-      return self.l2(jax.nn.tanh(self.l1(x)))
-
-  x = jax.random.normal(jax.random.key(0), (64, 4))
-  y = jnp.sin(x[:, :1]) + x[:, 1:2] ** 2
-  model = MLP(nnx.Rngs(0))
+  import nnx_mlp
+  model, x, y = nnx_mlp.problem()
   direction = optax.chain(fop_optax.scale_by_fop(1e-2), optax.scale_by_adam())
   optimizer = nnx.Optimizer(model, fop_optax.scale_by_qlr(direction), wrt=nnx.Param)
 

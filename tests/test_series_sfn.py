@@ -190,17 +190,8 @@ def test_missing_closure_and_bad_arguments():
 def test_jit_no_recompilation_trains_skips_nonfinite_and_nnx():
   from flax import nnx
 
-  class MLP(nnx.Module):
-    def __init__(self, rngs):
-      self.l1 = nnx.Linear(4, 16, rngs=rngs)
-      self.l2 = nnx.Linear(16, 1, rngs=rngs)
-
-    def __call__(self, x):
-      return self.l2(jax.nn.tanh(self.l1(x)))
-
-  x = jax.random.normal(jax.random.key(0), (64, 4))
-  y = jnp.sin(x[:, :1]) + x[:, 1:2] ** 2
-  model = MLP(nnx.Rngs(0))
+  import nnx_mlp
+  model, x, y = nnx_mlp.problem()
   optimizer = nnx.Optimizer(model, fop_optax.series_sfn(num_terms=5), wrt=nnx.Param)
 
   @nnx.jit
