@@ -37,6 +37,10 @@ The full runs (default ``--steps 58000``, ≈124 epochs; seeds 0 and 1)::
       --optimizers momentum,fop,fop_norm,shd,pphd,adam,fop_adam --out results/paper_length_cnn \\
       --plot results/paper_length_cnn/curves.png
 
+  # the CNN at full length on 2 CPU cores: 14x14 inputs (--input-pool 2), widths 8, 16
+  python3 examples/paper_length.py --model cnn --cnn-widths 8,16 --input-pool 2 --seeds 2 \\
+      --optimizers momentum,fop,fop_norm,adam,fop_adam,shd,pphd --out results/paper_length_cnn14
+
 Interrupt them at any time and rerun the same command to continue. ``--plot PATH`` alone with
 an existing ``--out`` redraws the figure from the JSON files (``--steps 0`` trains nothing).
 
@@ -55,6 +59,10 @@ evaluation on 10k (a 2-epoch run on all 60k: 2.7 s/epoch for momentum, 7.2 s for
 80 minutes for all seven. The CNN (widths 16, 32; ``--seed-axis unroll``, its default) took
 ~100 ms per step per seed at load 3.5 (~270 ms for both seeds at load 7): roughly 3-4 h per
 optimiser, a day for all seven, plus ~5 s per epoch of evaluation.
+``--learned PNG`` (with ``--steps 0`` and the run's ``--out``) prints what the FOP variants'
+last checkpoints hold: per seed and leaf the eigenvalue range of ``P``, its distance from ``I``
+and, for 3×3 convolutions, the mean entry per tap relation (the paper's Figure 5: whitening?),
+and saves ``P − I`` of the spatial leaves.
 ``--smoke`` is a tiny config (momentum and FOP, 512 examples, 24 steps): ~30 s, mostly
 compilation.
 """
@@ -367,6 +375,76 @@ def run_optimizer(name: str, config: dict, data, model_fn, out: str, *, ckpt_eve
   return {'record': record, 'params': params, 'opt_state': opt_state}
 
 
+# --------------------------------------------------------------------------- learned P
+
+def learned(out: str, names: Sequence[str] | None = None, data_dir: str | None = None,
+            plot_path: str | None = None) -> str:
+  """What the FOP variants under ``out`` learned (the paper's Figure 5 at full length).
+
+  Restores each variant's latest checkpoint and, per seed and preconditioned leaf, reads ``P``
+  (:func:`fop_optax.diagnostics.preconditioner_matrices`): its eigenvalue range, how far it is
+  from ``I``, and for the 3×3 convolutions' 9×9 spatial ``P`` the mean entry per tap relation
+  (``what_fop_learns.pattern``; whitening = positive diagonal and negative 4-neighbour
+  entries). Returns a markdown table; ``plot_path`` saves ``P − I`` of seed 0's spatial leaves.
+  """
+  import what_fop_learns
+  rows, panels = [], []
+  for rec in _records(out, [n for n in (names or FOP_VARIANTS) if n in FOP_VARIANTS]):
+    name, config = rec['optimizer'], rec['config']
+    x = common.pool_images(common.load_dataset(config['dataset'], data_dir),
+                           config.get('input_pool', 1))[2]
+    model_fn = common.make_model(config['model'], x.shape[1:], 10,
+                                 cnn_widths=config['cnn_widths'])
+    runner = get_runner(name, config, model_fn)
+    params = runner.init_params(config['seeds'])
+    opt_state = runner.init_state(params)
+    manager = _manager(os.path.join(out, 'ckpt', name))
+    step = manager.latest_step()
+    if step is None:
+      manager.close()
+      continue
+    params, opt_state, _ = _restore(manager, step, params, opt_state)
+    manager.close()
+    rule = dict(normalize=name == 'fop_norm')
+    for k, seed in enumerate(config['seeds']):
+      at = lambda t: jax.tree.map(lambda v: v[k], t)
+      mats = what_fop_learns.named(fop_optax.diagnostics.preconditioner_matrices(
+          at(opt_state), at(params), **rule))
+      for leaf, p in mats.items():
+        if p.ndim != 2 or p.shape[0] != p.shape[1] or len(p) == 1:  # (1×1 convs: a scalar)
+          continue
+        ev = np.linalg.eigvalsh(p.astype(np.float64))
+        dev = float(np.abs(p - np.eye(len(p))).max())
+        cells = [rec['label'], str(seed), str(step), leaf, f'{len(p)}×{len(p)}',
+                 f'{ev[0]:.4f}', f'{ev[-1]:.4f}', f'{dev:.2e}']
+        if len(p) == 9:
+          pat = what_fop_learns.pattern(p)
+          cells += [f"{pat['diagonal']:.4f}", f"{pat['neighbour']:+.1e}", f"{pat['others']:+.1e}",
+                    'yes' if pat['whitening'] else 'no']
+          if k == 0:
+            panels.append((f"{rec['label']} {leaf}", p - np.eye(9)))
+        else:
+          cells += ['–'] * 4
+        rows.append('| ' + ' | '.join(cells) + ' |')
+  head = ['| optimiser | seed | step | leaf | P | λ_min | λ_max | max abs(P − I) | mean diag | '
+          'mean 4-neighbour | mean other off-diag | whitening |', '|' + '---|' * 12]
+  if plot_path and panels:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2), squeeze=False)
+    for ax, (title, d) in zip(axes[0], panels):
+      lim = float(np.abs(d).max()) or 1.0
+      im = ax.imshow(d, cmap='RdBu_r', vmin=-lim, vmax=lim)
+      ax.set_title(title, fontsize=8)
+      ax.set_xticks([]), ax.set_yticks([])
+      fig.colorbar(im, ax=ax, fraction=0.046, format='%.0e')
+    fig.suptitle('P − I of the 3×3 convolutions (9×9 spatial P), seed 0, last checkpoint',
+                 fontsize=9)
+    common.save_figure(fig, plot_path)
+  return '\n'.join(head + rows)
+
+
 # --------------------------------------------------------------------------- plot
 
 def _records(out: str, names: Sequence[str] | None = None):
@@ -486,6 +564,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument('--summary', action='store_true',
                       help='print a markdown table of the results under --out (mean ± std over seeds)')
   parser.add_argument('--target', type=float, default=0.89, help='test accuracy for --summary')
+  parser.add_argument('--learned', default=None, metavar='PNG',
+                      help="print what the FOP variants' last checkpoints learned (P per leaf and "
+                           'seed) and save P − I of the 3×3 convolutions here')
   parser.add_argument('--smoke', action='store_true',
                       help='tiny config: momentum+fop, 512/256 examples, 24 steps, 2 seeds')
   parser.add_argument('--quiet', action='store_true')
@@ -532,6 +613,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     plot(args.out, args.plot, names)
   if args.summary:
     print(summary(args.out, names, args.target))
+  if args.learned:
+    print(learned(args.out, names, args.data_dir, args.learned))
   return results
 
 

@@ -81,6 +81,20 @@ def test_records(runs):
           assert all(0 < m <= v + 1e-6 for m, v in zip(h['lambda_mean'][leaf], values))
 
 
+def test_learned_reads_p_from_the_last_checkpoint(runs):
+  """--learned restores the final checkpoint: its λ_max per leaf and seed is what the run logged
+  at its last evaluation (same state), within the guard's bound, and momentum has no rows."""
+  table = paper_length.learned(runs['dirs']['whole'], ['momentum', 'fop'])
+  rows = [line.split(' | ') for line in table.splitlines()[2:]]
+  assert len(rows) == 6 and {r[0].lstrip('| ') for r in rows} == {'FOP+momentum'}
+  hist = _load(runs['dirs']['whole'], 'fop')['history']
+  for h in hist['seeds']:
+    mine = sorted(float(r[6]) for r in rows if r[1] == str(h['seed']) and r[2] == '40')
+    logged = sorted(v[-1] for v in h['lambda_max'].values())
+    np.testing.assert_allclose(mine, logged, atol=2e-4)
+    assert all(v <= 1 + 1e-4 for v in mine)
+
+
 def test_learning_rate_divided_by_ten_at_the_decay_step(runs):
   rec = _load(runs['dirs']['whole'], 'fop')
   assert rec['decay_step'] == 21  # round(0.525 · 40): steps 0..20 at 0.05, from 21 at 0.005
