@@ -95,6 +95,7 @@ import fop_optax  # noqa: E402
 
 FOP_VARIANTS = ('fop', 'fop_norm', 'fop_adam')
 ALL_OPTIMIZERS = ('momentum', 'fop', 'fop_norm', 'shd', 'pphd', 'adam', 'fop_adam')
+HD_VARIANTS = ('shd', 'pphd')
 
 
 # --------------------------------------------------------------------------- set-up
@@ -203,6 +204,15 @@ class Runner:
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
         return {jax.tree_util.keystr(k): (ev[0], ev.mean()) for k, ev in flat}
       self.spectra = jax.jit(over_seeds(spectra, how, (0, 0)))
+    self.rates = None
+    if name in HD_VARIANTS:
+      def rates(s):  # the learned step sizes α: median, min, max over all of them
+        hd = [x for x in jax.tree.leaves(
+            s, is_leaf=lambda x: isinstance(x, fop_optax.hypergradient.HypergradientState))
+              if isinstance(x, fop_optax.hypergradient.HypergradientState)]
+        alpha = jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(hd[0].learning_rates)])
+        return jnp.median(alpha), alpha.min(), alpha.max()
+      self.rates = jax.jit(over_seeds(rates, how, (0,)))
 
   def evaluate(self, params, x, y, batch_size: int = 1000):
     """Per-seed mean loss and accuracy over ``(x, y)`` (last batch padded: one shape)."""
@@ -234,10 +244,12 @@ def _machine() -> dict:
           'devices': [str(d) for d in jax.devices()]}
 
 
-def _new_history(seeds: Sequence[int], fop: bool) -> dict:
+def _new_history(seeds: Sequence[int], fop: bool, hd: bool = False) -> dict:
   per_seed = {'seed': None, 'test_accuracy': [], 'test_loss': [], 'train_loss': []}
   if fop:
     per_seed.update(lambda_max={}, lambda_mean={})
+  if hd:   # S-HD / PP-HD: the learned step size α (median, min, max over its entries)
+    per_seed.update(alpha_median=[], alpha_min=[], alpha_max=[])
   return {'step': [], 'epoch': [], 'lr': [], 'wall_seconds': [],
           'seeds': [dict(json.loads(json.dumps(per_seed)), seed=s) for s in seeds]}
 
@@ -307,7 +319,7 @@ def run_optimizer(name: str, config: dict, data, model_fn, out: str, *, ckpt_eve
                          config['decay_factor'])
   params = runner.init_params(seeds)
   opt_state = runner.init_state(params)
-  history = _new_history(seeds, runner.spectra is not None)
+  history = _new_history(seeds, runner.spectra is not None, runner.rates is not None)
   step, epoch_losses, wall = 0, [], 0.0
   manager = _manager(os.path.join(out, 'ckpt', name))
   latest = manager.latest_step()
@@ -344,6 +356,7 @@ def run_optimizer(name: str, config: dict, data, model_fn, out: str, *, ckpt_eve
       losses = np.stack([np.asarray(l, np.float32) for l in epoch_losses])  # (steps, seeds)
       test_loss, test_acc = runner.evaluate(params, x_test, y_test)
       spectra = runner.spectra(opt_state, params) if runner.spectra else {}
+      rates = [np.asarray(r) for r in runner.rates(opt_state)] if runner.rates else None
       wall = time.perf_counter() - t0
       history['step'].append(step)
       history['epoch'].append(step / steps_per_epoch)
@@ -356,10 +369,15 @@ def run_optimizer(name: str, config: dict, data, model_fn, out: str, *, ckpt_eve
         for leaf, (lam_max, lam_mean) in spectra.items():
           h['lambda_max'].setdefault(leaf, []).append(float(lam_max[k]))
           h['lambda_mean'].setdefault(leaf, []).append(float(lam_mean[k]))
+        if rates is not None:
+          for key, r in zip(('alpha_median', 'alpha_min', 'alpha_max'), rates):
+            h[key].append(float(r[k]))
       epoch_losses = []
       if progress:
         top = (f' max λ_max(P) {max(float(np.max(v[0])) for v in spectra.values()):.3f}'
                if spectra else '')
+        if rates is not None:
+          top = f' median α {float(np.median(rates[0])):.3g}'
         print(f'{name} step {step}/{total} (epoch {step / steps_per_epoch:.1f}): train loss '
               f'{np.mean(losses):.4f} test acc {np.mean(test_acc):.4f} '
               f'[{np.min(test_acc):.4f}–{np.max(test_acc):.4f}] lr {history["lr"][-1]:.3g}'
@@ -496,12 +514,13 @@ def summary(out: str, names: Sequence[str] | None = None, target: float = 0.89) 
   Columns: final test accuracy and loss, the best test accuracy of any epoch, the accuracy at
   the epoch before the learning-rate decay, the first step whose test accuracy reaches
   ``target`` (median over seeds; '–' if a seed never does), the final train loss, and for FOP
-  variants the largest ``λ_max(P)`` and smallest mean eigenvalue over the leaves at the end.
+  variants the largest ``λ_max(P)`` and smallest mean eigenvalue over the leaves at the end,
+  for S-HD/PP-HD the median learned step size ``α`` at the end (mean over seeds).
   """
   ms = lambda a: f'{np.mean(a):.4f} ± {np.std(a):.4f}'
   lines = ['| optimiser | seeds | steps | final test acc | final test loss | best test acc | '
            f'acc before decay | steps to {target} | final train loss | λ_max(P) end | '
-           'mean eig(P) end | wall min |', '|' + '---|' * 12]
+           'mean eig(P) end | median α end | wall min |', '|' + '---|' * 13]
   for rec in _records(out, names):
     hist = rec['history']
     steps = np.asarray(hist['step'])
@@ -511,7 +530,9 @@ def summary(out: str, names: Sequence[str] | None = None, target: float = 0.89) 
     before = np.searchsorted(steps, rec['decay_step'], side='right') - 1
     hits = [steps[np.argmax(a >= target)] if (a >= target).any() else None for a in acc]
     hit = '–' if None in hits else f'{int(np.median(hits))}'
-    lam = mean_eig = '–'
+    lam = mean_eig = alpha = '–'
+    if 'alpha_median' in hist['seeds'][0]:
+      alpha = f"{np.mean([h['alpha_median'][-1] for h in hist['seeds']]):.3g}"
     if 'lambda_max' in hist['seeds'][0]:
       lam = f"{max(max(h['lambda_max'][k][-1] for k in h['lambda_max']) for h in hist['seeds']):.4f}"
       mean_eig = f"{min(min(h['lambda_mean'][k][-1] for k in h['lambda_mean']) for h in hist['seeds']):.4f}"
@@ -519,7 +540,7 @@ def summary(out: str, names: Sequence[str] | None = None, target: float = 0.89) 
         f"| {rec['label']}{'' if rec['done'] else ' (running)'} | {acc.shape[0]} | {int(steps[-1])} | "
         f'{ms(acc[:, -1])} | {ms(loss[:, -1])} | {ms(acc.max(1))} | '
         f"{ms(acc[:, before]) if before >= 0 else '–'} | {hit} | {ms(train[:, -1])} | {lam} | "
-        f"{mean_eig} | {hist['wall_seconds'][-1] / 60:.1f} |")
+        f"{mean_eig} | {alpha} | {hist['wall_seconds'][-1] / 60:.1f} |")
   return '\n'.join(lines)
 
 

@@ -21,6 +21,8 @@ if not os.path.isdir(common.FASHION_MNIST_DIR):
 
 import paper_length  # noqa: E402
 
+import fop_optax  # noqa: E402
+
 # 512 examples at batch 128: 4 steps an epoch; 40 steps = 10 epochs, the decay at step 21.
 COMMON = ['--subset', '512', '--test-subset', '200', '--steps', '40', '--decay-at', '0.525',
           '--quiet']
@@ -166,6 +168,24 @@ def test_summary_is_mean_and_std_over_seeds(runs):
   row = next(line for line in lines if line.startswith('| FOP'))
   assert f'{np.mean(acc):.4f} ± {np.std(acc):.4f}' in row
   assert '| 4 |' in row   # target 0: reached at the first evaluation (step 4)
+
+
+def test_hd_runs_log_their_learned_step_size(tmp_path):
+  """S-HD's history holds the median, min and max learned α of the state at each evaluation."""
+  out = str(tmp_path / 'shd')
+  res = paper_length.main([*COMMON, '--steps', '8', '--optimizers', 'shd', '--seeds', '0,1',
+                           '--out', out])['shd']
+  hd = next(x for x in jax.tree.leaves(
+      res['opt_state'], is_leaf=lambda x: isinstance(x, fop_optax.hypergradient.HypergradientState))
+            if isinstance(x, fop_optax.hypergradient.HypergradientState))
+  alpha = np.stack([np.ravel(a) for a in jax.tree.leaves(hd.learning_rates)], -1)  # (seed, leaf)
+  for k, h in enumerate(res['record']['history']['seeds']):
+    assert len(h['alpha_median']) == 2    # evaluations at steps 4 and 8
+    np.testing.assert_allclose(h['alpha_median'][-1], np.median(alpha[k]), rtol=1e-6)
+    assert h['alpha_min'][-1] == pytest.approx(alpha[k].min()) and h['alpha_max'][-1] == pytest.approx(alpha[k].max())
+    assert h['alpha_median'][-1] != pytest.approx(0.05)   # α was learned, not left at α_0
+  row = paper_length.summary(out, ['shd']).splitlines()[2].split(' | ')
+  assert float(row[-2]) == pytest.approx(np.mean(np.median(alpha, -1)), rel=1e-2)
 
 
 def test_budget_study_pairs_fop_with_momentum_of_the_same_length(runs, tmp_path):
