@@ -22,20 +22,18 @@ Run: ``python benchmarks/lodo_overhead.py`` (a few minutes on 2 CPU cores).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import fop_optax  # noqa: E402
-from overhead import Case, _conv, _dense, bench_case, fop_chain, mlp  # noqa: E402
+from overhead import (Case, _conv, _dense, bench_case, fop_chain, mlp, run_meta,  # noqa: E402
+                      save_rows)
 
 LODO_LR = 0.5   # α·EMA = 0.05·trace at β = 0.9: momentum's first steps
 
@@ -104,15 +102,10 @@ def main(argv=None):
       rows += bench_case(case, args)
       print(f'[{case.name} done, {time.perf_counter() - t0:.0f}s]', file=sys.stderr, flush=True)
   print(format_table(rows))
-  meta = dict(backend=jax.default_backend(), devices=len(jax.devices()), cpus=os.cpu_count(),
-              machine=platform.machine(), jax=jax.__version__, optax=optax.__version__,
-              load_average=os.getloadavg(), args=vars(args), seconds=time.perf_counter() - t0)
+  meta = run_meta(args, t0)
   print(f"backend {meta['backend']}, {meta['cpus']} CPUs, load average at the end "
         f"{meta['load_average'][0]:.1f}")
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  print(f'saved {args.out} ({meta["seconds"]:.0f}s)')
+  save_rows(args.out, meta, rows)
   return rows
 
 

@@ -31,10 +31,8 @@ Run: ``python benchmarks/one_pass_cost.py`` (about 6–8 minutes on 2 busy CPU c
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,7 +42,9 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fop_optax  # noqa: E402
+from overhead import run_meta, save_rows  # noqa: E402
 
 LR, MOMENTUM, WD, PERIOD = 0.05, 0.9, 1e-4, 10
 
@@ -202,13 +202,7 @@ def main(argv=None):
     rows += bench_model(name, args)
     print(f'[{name} done, {time.perf_counter() - t0:.0f}s]', file=sys.stderr, flush=True)
   print(format_table(rows))
-  meta = dict(backend=jax.default_backend(), cpus=os.cpu_count(), machine=platform.machine(),
-              jax=jax.__version__, optax=optax.__version__, args=vars(args),
-              seconds=time.perf_counter() - t0)
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  print(f'saved {args.out} ({meta["seconds"]:.0f}s)')
+  save_rows(args.out, run_meta(args, t0), rows)
   return rows
 
 

@@ -63,7 +63,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
@@ -415,6 +414,24 @@ def rows_params(params) -> int:
   return sum(p.size for p in jax.tree.leaves(params))
 
 
+def run_meta(args, t0: float, **extra) -> dict:
+  """What a benchmark ran on and with: backend, devices, CPUs, OpenBLAS threads, machine,
+  versions, load average at the end, its arguments, seconds since ``t0``, and ``extra``."""
+  return dict(backend=jax.default_backend(), devices=len(jax.devices()), cpus=os.cpu_count(),
+              openblas_num_threads=os.environ.get('OPENBLAS_NUM_THREADS'),
+              machine=platform.machine(), jax=jax.__version__, optax=optax.__version__,
+              load_average=os.getloadavg(), args=vars(args), **extra,
+              seconds=time.perf_counter() - t0)
+
+
+def save_rows(path: str, meta: dict, rows) -> None:
+  """Writes ``{'meta': meta, 'rows': rows}`` to ``path`` (JSON) and says so."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  print(f'saved {path} ({meta["seconds"]:.0f}s)')
+
+
 def format_table(rows) -> str:
   head = (f"{'model':<12}{'optimizer':<16}{'step ms':>9}  {'step ratio [min-max]':<22}"
           f"{'floor':>6}{'update ms':>10}  {'update ratio [min-max]':<24}{'state/params':>12}"
@@ -456,14 +473,7 @@ def main(argv=None):
       rows += bench_case(case, args)
       print(f'[{case.name} done, {time.perf_counter() - t0:.0f}s]', file=sys.stderr, flush=True)
   print(format_table(rows))
-  meta = dict(backend=jax.default_backend(), devices=len(jax.devices()), cpus=os.cpu_count(),
-              openblas_num_threads=os.environ.get('OPENBLAS_NUM_THREADS'),
-              machine=platform.machine(), jax=jax.__version__, optax=optax.__version__,
-              args=vars(args), seconds=time.perf_counter() - t0)
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  print(f'saved {args.out} ({meta["seconds"]:.0f}s)')
+  save_rows(args.out, run_meta(args, t0), rows)
   return rows
 
 

@@ -30,9 +30,7 @@ Run: ``python benchmarks/transformer_overhead.py`` (about 1–2 minutes on 2 CPU
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,7 +45,7 @@ import fop_optax  # noqa: E402
 from fop_optax import structures as S  # noqa: E402
 # The timing machinery (donated update step, interleaved repetitions, state bytes) is overhead.py's.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import _interleaved, _make_update, _nbytes  # noqa: E402
+from overhead import _interleaved, _make_update, _nbytes, run_meta, save_rows  # noqa: E402
 
 LR = 0.05
 TARGET = 1.15
@@ -171,15 +169,8 @@ def main(argv=None):
           + f"{r['update_ratio']:.2f} [{r['update_ratio_min']:.2f}-{r['update_ratio_max']:.2f}]".ljust(24)
           + f"{r['state_over_params']:>12.3f}  {met}")
 
-  meta = dict(backend=jax.default_backend(), devices=len(jax.devices()), cpus=os.cpu_count(),
-              machine=platform.machine(), jax=jax.__version__, optax=optax.__version__,
-              params=sum(p.size for p in jax.tree.leaves(params0)),
-              structures=structure_summary(params0), args=vars(args),
-              seconds=time.perf_counter() - t_start)
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  print(f'saved {args.out} ({meta["seconds"]:.0f}s)')
+  save_rows(args.out, run_meta(args, t_start, params=sum(p.size for p in jax.tree.leaves(params0)),
+                               structures=structure_summary(params0)), rows)
   return rows
 
 
