@@ -475,7 +475,8 @@ def _records(out: str, names: Sequence[str] | None = None):
 
 
 def plot(out: str, path: str, names: Sequence[str] | None = None) -> None:
-  """Test accuracy vs step (median over seeds, min–max band) and λ_max(P) of FOP variants."""
+  """Test accuracy vs step (median over seeds, min–max band); λ_max(P) and the mean eigenvalue of
+  P per leaf of the FOP variants."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -484,7 +485,9 @@ def plot(out: str, path: str, names: Sequence[str] | None = None) -> None:
   for rec in _records(out, names):
     hist, cfg = rec['history'], rec['config']
     decay = rec['decay_step']
-    title = f'{cfg["dataset"]} {cfg["model"]}, batch {cfg["batch_size"]}, lr {cfg["lr"]}'
+    shape = (f' {cfg["cnn_widths"]}' if cfg.get('cnn_widths') else '') + (
+        f', images pooled {cfg["input_pool"]}×' if cfg.get('input_pool', 1) > 1 else '')
+    title = f'{cfg["dataset"]} {cfg["model"]}{shape}, batch {cfg["batch_size"]}, lr {cfg["lr"]}'
     steps = np.asarray(hist['step'])
     acc = np.array([h['test_accuracy'] for h in hist['seeds']], dtype=float)
     line, = axes[0].plot(steps, np.median(acc, 0), label=rec['label'] + ('' if rec['done']
@@ -492,17 +495,18 @@ def plot(out: str, path: str, names: Sequence[str] | None = None) -> None:
     axes[0].fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2)
     if 'lambda_max' in hist['seeds'][0]:
       for j, leaf in enumerate(hist['seeds'][0]['lambda_max']):
-        lam = np.array([h['lambda_max'][leaf] for h in hist['seeds']], dtype=float)
-        axes[1].plot(steps, np.median(lam, 0), color=line.get_color(), lw=1, alpha=0.8,
-                     label=rec['label'] if j == 0 else None)
+        for key, ls in (('lambda_max', '-'), ('lambda_mean', '--')):
+          lam = np.array([h[key][leaf] for h in hist['seeds']], dtype=float)
+          axes[1].plot(steps, np.median(lam, 0), color=line.get_color(), lw=1, alpha=0.8, ls=ls,
+                       label=rec['label'] if j == 0 and ls == '-' else None)
   for ax in axes:
     if decay is not None:
       ax.axvline(decay, color='k', ls=':', lw=1)
   axes[0].set(xlabel='step', ylabel='test accuracy', title=title)
   axes[0].legend(fontsize=8)
   axes[1].ticklabel_format(axis='y', useOffset=False)
-  axes[1].set(xlabel='step', ylabel='λ_max(P) per leaf (median over seeds)',
-              title='FOP variants: λ_max of each applied P')
+  axes[1].set(xlabel='step', ylabel='eigenvalue of P per leaf (median over seeds)',
+              title='FOP variants: λ_max (solid) and mean eigenvalue (dashed) of each P')
   if axes[1].get_legend_handles_labels()[0]:
     axes[1].legend(fontsize=8)
   common.save_figure(fig, path)
