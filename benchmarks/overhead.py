@@ -215,6 +215,15 @@ def cases(args) -> list[Case]:
       Case('mlp256_settings', mlp((784, 256, 256, 10)), 128, {
           f'fop r={r} k={k}': (lambda r=r, k=k: fop_optax.fop(LR, rank=r, update_every=k))
           for r, k in ((8, 1), (4, 1), (8, 4), (4, 4), (4, 8), (2, 8))}),
+      # The cheapest setting taken apart: what the non-finite skip, the guard and the
+      # hypergradient each add (update_every=10**6: only P·G, the stored gradient and the cond).
+      Case('mlp256_cheapest', mlp((784, 256, 256, 10)), 128, {
+          name: (lambda kw=kw: fop_optax.fop(LR, rank=2, **kw)) for name, kw in (
+              ('fop r=2 k=8', dict(update_every=8)),
+              ('fop r=2 k=8 no skip', dict(update_every=8, skip_nonfinite=False)),
+              ('fop r=2 k=8 no skip no guard',
+               dict(update_every=8, skip_nonfinite=False, max_scale=None)),
+              ('fop r=2 P·G only', dict(update_every=10**6, skip_nonfinite=False)))}),
       # Where the default rule should switch from full to low rank (max_full_dim).
       *[Case(f'dense{a}_switch', dense(a), 128, {
           'fop full': lambda a=a: fop_optax.fop(LR, max_full_dim=a),
