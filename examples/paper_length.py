@@ -207,10 +207,8 @@ class Runner:
     self.rates = None
     if name in HD_VARIANTS:
       def rates(s):  # the learned step sizes α: median, min, max over all of them
-        hd = [x for x in jax.tree.leaves(
-            s, is_leaf=lambda x: isinstance(x, fop_optax.hypergradient.HypergradientState))
-              if isinstance(x, fop_optax.hypergradient.HypergradientState)]
-        alpha = jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(hd[0].learning_rates)])
+        learned_rates = optax.tree.get(s, 'learning_rates')   # HypergradientState's field
+        alpha = jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(learned_rates)])
         return jnp.median(alpha), alpha.min(), alpha.max()
       self.rates = jax.jit(over_seeds(rates, how, (0,)))
 
@@ -406,13 +404,14 @@ def learned(out: str, names: Sequence[str] | None = None, data_dir: str | None =
   entries). Returns a markdown table; ``plot_path`` saves ``P − I`` of seed 0's spatial leaves.
   """
   import what_fop_learns
-  rows, panels = [], []
+  rows, panels, shapes = [], [], {}
   for rec in _records(out, [n for n in (names or FOP_VARIANTS) if n in FOP_VARIANTS]):
     name, config = rec['optimizer'], rec['config']
-    x = common.pool_images(common.load_dataset(config['dataset'], data_dir),
-                           config.get('input_pool', 1))[2]
-    model_fn = common.make_model(config['model'], x.shape[1:], 10,
-                                 cnn_widths=config['cnn_widths'])
+    key = (config['dataset'], config.get('input_pool', 1))
+    if key not in shapes:   # (input shape, classes), from one load per dataset and pooling
+      _, y, x, _ = common.pool_images(common.load_dataset(key[0], data_dir), key[1])
+      shapes[key] = (x.shape[1:], int(y.max()) + 1)
+    model_fn = common.make_model(config['model'], *shapes[key], cnn_widths=config['cnn_widths'])
     runner = get_runner(name, config, model_fn)
     params = runner.init_params(config['seeds'])
     opt_state = runner.init_state(params)
