@@ -252,6 +252,20 @@ def _new_history(seeds: Sequence[int], fop: bool, hd: bool = False) -> dict:
           'seeds': [dict(json.loads(json.dumps(per_seed)), seed=s) for s in seeds]}
 
 
+def _add_missing_series(history: dict, fresh: dict) -> None:
+  """Gives a resumed history the per-seed series that its run did not log yet.
+
+  A checkpoint written before a series was logged (S-HD's α before session 6) resumes with
+  that series padded by ``None`` for the evaluations it missed, so every series stays aligned
+  with ``history['step']``.
+  """
+  done = len(history['step'])
+  for h, new in zip(history['seeds'], fresh['seeds']):
+    for key, empty in new.items():
+      if key not in h:
+        h[key] = [None] * done if isinstance(empty, list) else empty
+
+
 def _record(path: str, name: str, config: dict, history: dict, step: int, done: bool,
             argv: Sequence[str]) -> dict:
   record = {'optimizer': name, 'label': common.LABELS[name], 'done': done, 'step': step,
@@ -330,6 +344,8 @@ def run_optimizer(name: str, config: dict, data, model_fn, out: str, *, ckpt_eve
     step, history, epoch_losses, wall = (meta['step'], meta['history'], meta['epoch_losses'],
                                          meta['wall_seconds'])
     epoch_losses = [np.asarray(l, np.float32) for l in epoch_losses]
+    _add_missing_series(history, _new_history(seeds, runner.spectra is not None,
+                                              runner.rates is not None))
     print(f'{name}: resumed at step {step} from {manager.directory}', flush=True)
 
   def save():
@@ -372,10 +388,12 @@ def run_optimizer(name: str, config: dict, data, model_fn, out: str, *, ckpt_eve
             h[key].append(float(r[k]))
       epoch_losses = []
       if progress:
-        top = (f' max λ_max(P) {max(float(np.max(v[0])) for v in spectra.values()):.3f}'
-               if spectra else '')
         if rates is not None:
           top = f' median α {float(np.median(rates[0])):.3g}'
+        elif spectra:
+          top = f' max λ_max(P) {max(float(np.max(v[0])) for v in spectra.values()):.3f}'
+        else:
+          top = ''
         print(f'{name} step {step}/{total} (epoch {step / steps_per_epoch:.1f}): train loss '
               f'{np.mean(losses):.4f} test acc {np.mean(test_acc):.4f} '
               f'[{np.min(test_acc):.4f}–{np.max(test_acc):.4f}] lr {history["lr"][-1]:.3g}'

@@ -188,6 +188,21 @@ def test_hd_runs_log_their_learned_step_size(tmp_path):
   assert float(row[-2]) == pytest.approx(np.mean(np.median(alpha, -1)), rel=1e-2)
 
 
+def test_resumed_history_gains_the_series_its_run_did_not_log():
+  """A checkpoint from before α was logged resumes with α padded to the evaluations it missed."""
+  old = paper_length._new_history([0, 1], fop=False, hd=False)
+  old['step'] += [4, 8]
+  for h in old['seeds']:
+    h['test_accuracy'] += [0.5, 0.6]
+  paper_length._add_missing_series(old, paper_length._new_history([0, 1], fop=False, hd=True))
+  for k, h in enumerate(old['seeds']):
+    assert h['seed'] == k and h['test_accuracy'] == [0.5, 0.6]
+    assert h['alpha_median'] == h['alpha_min'] == h['alpha_max'] == [None, None]
+  fop = paper_length._new_history([0], fop=True)
+  paper_length._add_missing_series(fop, paper_length._new_history([0], fop=True, hd=True))
+  assert fop['seeds'][0]['lambda_max'] == {} and fop['seeds'][0]['alpha_median'] == []
+
+
 def test_budget_study_pairs_fop_with_momentum_of_the_same_length(runs, tmp_path):
   import budget_study
   whole = runs['dirs']['whole']
