@@ -135,9 +135,8 @@ def make_tx(method, h):
 def current_hyperparams(method, state, h):
   """The hyperparameters in use, per init: scalars (per-parameter η: its log-mean)."""
   if method == 'hd':
-    hd = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
-        s, fop_optax.HypergradientState)) if isinstance(s, fop_optax.HypergradientState)][0]
-    return {'learning_rate': hd.learning_rates, 'momentum': h['momentum'],
+    # HypergradientState's field (optax.tree.get raises if the state holds none or several).
+    return {'learning_rate': optax.tree.get(state, 'learning_rates'), 'momentum': h['momentum'],
             'weight_decay': h['weight_decay']}
   hp = dict(state.hyperparams)
   lr = hp['learning_rate']

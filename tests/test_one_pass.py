@@ -540,3 +540,19 @@ def test_study_example_smoke(tmp_path):
   os.remove(img)
   one_pass_study.main(args + ['--plot-only'])
   assert os.path.getsize(img) > 0
+
+
+def test_study_reads_the_hd_learning_rate_from_the_state():
+  """one_pass_study's 'hd' row reports the η that sgd_hd's state holds, one per init."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  'examples'))
+  import one_pass_study  # pylint: disable=import-outside-toplevel
+  h = {'learning_rate': jnp.array([0.01, 0.02]), 'momentum': jnp.array([0.5, 0.6]),
+       'weight_decay': jnp.array([1e-4, 1e-3])}
+  params = {'w': jnp.ones((2, 3, 4)), 'b': jnp.zeros((2, 4))}
+  state = jax.vmap(lambda hi, p: one_pass_study.make_tx('hd', hi).init(p))(h, params)
+  got = one_pass_study.current_hyperparams('hd', state, h)
+  np.testing.assert_allclose(got['learning_rate'], [0.01, 0.02])
+  assert got['momentum'] is h['momentum']
