@@ -82,6 +82,8 @@ def plot_grid(acc, lrs, momenta, title, path):
   for ax, name in zip(axes, ('momentum', 'fop')):
     image = ax.imshow(acc[name], vmin=0, vmax=1, cmap='viridis', origin='lower', aspect='auto')
     for (i, j), value in np.ndenumerate(acc[name]):
+      if np.isnan(value):   # a cell not run (yet)
+        continue
       ax.text(j, i, f'{value:.2f}', ha='center', va='center', fontsize=8,
               color='white' if value < 0.6 else 'black')
     ax.set(xticks=range(len(lrs)), xticklabels=[f'{v:g}' for v in lrs], xlabel='learning rate',

@@ -216,3 +216,36 @@ def test_budget_study_pairs_fop_with_momentum_of_the_same_length(runs, tmp_path)
   np.testing.assert_allclose(rows[0]['gain'], np.mean(fop - mom))
   assert rows[0]['gain_min'] == np.min(fop - mom) and rows[0]['budget'] == pytest.approx(40e-4)
   assert os.path.getsize(tmp_path / 'gain.png') > 1000
+
+
+def test_robustness_at_length_reads_each_cell_and_pairs_the_seeds(runs, tmp_path):
+  """A cell is a paper_length dir; the gain is FOP − momentum per seed; missing cells are left out."""
+  import robustness_at_length as ral
+  whole = runs['dirs']['whole']   # lr 0.05, momentum 0.9: paper_length's defaults
+  os.symlink(whole, ral.cell_dir(str(tmp_path), 0.05, 0.9))
+  rows = ral.main(['--steps', '0', '--lrs', '0.05,0.2', '--momenta', '0.9', '--out', str(tmp_path),
+                   '--plot', str(tmp_path / 'grid.png')])
+  assert len(rows) == 1 and (rows[0]['lr'], rows[0]['momentum']) == (0.05, 0.9)
+  fop = np.array([h['test_accuracy'][-1] for h in _load(whole, 'fop')['history']['seeds']])
+  mom = np.array([h['test_accuracy'][-1] for h in _load(whole, 'momentum')['history']['seeds']])
+  np.testing.assert_allclose([rows[0]['base'], rows[0]['fop'], rows[0]['gain']],
+                             [mom.mean(), fop.mean(), np.mean(fop - mom)])
+  assert rows[0]['gain_max'] == np.max(fop - mom) and rows[0]['done'] and rows[0]['seeds'] == 2
+  lam = _load(whole, 'fop')['history']['seeds']
+  assert rows[0]['mean_eig'] == min(v[-1] for h in lam for v in h['lambda_mean'].values())
+  assert '| 0.05 | 0.9 |' in ral.table(rows) and os.path.getsize(tmp_path / 'grid.png') > 1000
+
+
+def test_robustness_at_length_runs_every_cell_with_its_lr_and_momentum(monkeypatch, tmp_path):
+  import robustness_at_length as ral
+  calls = []
+  monkeypatch.setattr(ral.paper_length, 'main', lambda argv: calls.append(argv))
+  ral.main(['--steps', '40', '--lrs', '0.1,0.3', '--momenta', '0.5', '--hyper-lr', '1e-3',
+            '--out', str(tmp_path), '--', '--subset', '512'])
+  assert len(calls) == 2
+  for argv, lr in zip(calls, ('0.1', '0.3')):
+    opts = dict(zip(argv[:-2:2], argv[1:-2:2]))
+    assert opts['--lr'] == lr and opts['--momentum'] == '0.5' and opts['--hyper-lr'] == '0.001'
+    assert opts['--optimizers'] == 'momentum,fop' and opts['--steps'] == '40'
+    assert opts['--out'] == ral.cell_dir(str(tmp_path), float(lr), 0.5)
+    assert argv[-2:] == ['--subset', '512']
