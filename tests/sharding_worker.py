@@ -143,33 +143,40 @@ def check_param_sharding(axis_type):
   )
 
 
-def check_data_parallel(axis_type, steps=10):
-  """Batch sharded over 8 devices, params replicated, vs one device without a mesh."""
+def single_device_run(steps=10):
+  """The reference for check_data_parallel: the same run on one device, without a mesh."""
   xs, ys = data(steps)
   params0 = init_params(jax.random.key(1))
-  single, _, single_losses = train(jax.device_put(params0, jax.devices()[0]), xs, ys)
+  return (params0, xs, ys), train(jax.device_put(params0, jax.devices()[0]), xs, ys)
+
+
+def check_data_parallel(axis_type, reference):
+  """Batch sharded over 8 devices, params replicated, vs one device without a mesh."""
+  (params0, xs, ys), (single, single_state, single_losses) = reference
   mesh = jax.make_mesh((8,), ('data',), axis_types=(axis_type,))
   with jax.set_mesh(mesh):
     replicated = jax.device_put(params0, NamedSharding(mesh, P()))
     multi, state, multi_losses = train(
         replicated, xs, ys, lambda a: jax.device_put(a, NamedSharding(mesh, P('data'))))
-  diff = max(float(jnp.max(jnp.abs(np.asarray(a) - np.asarray(b))))
-             for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi)))
-  m_diff = max(float(jnp.max(jnp.abs(np.asarray(a) - np.asarray(b))))
-               for a, b in zip(jax.tree.leaves(train(params0, xs, ys)[1][0].preconditioners),
-                               jax.tree.leaves(fop_state(state).preconditioners)))
-  moved = max(float(jnp.max(jnp.abs(np.asarray(a) - np.asarray(b))))
-              for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(params0)))
-  return dict(max_param_diff=diff, max_preconditioner_diff=m_diff, params_moved=moved,
+
+  def max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+  return dict(max_param_diff=max_diff(single, multi),
+              max_preconditioner_diff=max_diff(fop_state(single_state).preconditioners,
+                                               fop_state(state).preconditioners),
+              params_moved=max_diff(single, params0),
               single_losses=single_losses, multi_losses=multi_losses,
               devices=len(jax.devices()))
 
 
 def main():
   report = {'devices': len(jax.devices())}
+  reference = single_device_run()   # one single-device run serves both axis types
   for axis_type in (AxisType.Explicit, AxisType.Auto):
     report[axis_type.name] = dict(params_sharded=check_param_sharding(axis_type),
-                                  data_parallel=check_data_parallel(axis_type))
+                                  data_parallel=check_data_parallel(axis_type, reference))
   print('REPORT ' + json.dumps(report))
 
 

@@ -348,7 +348,9 @@ def test_sharded_parameters_on_four_devices():
   import os
   import subprocess
   worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lodo_sharding_worker.py')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  # Appended to XLA_FLAGS: keeps the suite's compile settings (tests/conftest.py).
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
+      f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"))
   proc = subprocess.run([sys.executable, worker], env=env, capture_output=True, text=True,
                         timeout=600)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('REPORT ')]

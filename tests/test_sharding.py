@@ -1,7 +1,7 @@
 """FOP under jax.jit with sharded parameters, on 8 simulated CPU devices.
 
 The 8-device part runs in a subprocess (``tests/sharding_worker.py``) with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``, so this process and the
+``--xla_force_host_platform_device_count=8`` added to ``XLA_FLAGS``, so this process and the
 rest of the suite keep their single device. One subprocess run (~20-40 s) is
 shared by all tests of the module.
 """
@@ -20,8 +20,9 @@ AXIS_TYPES = ('Explicit', 'Auto')
 
 @functools.lru_cache(maxsize=None)
 def report():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
+  # Appended to XLA_FLAGS: keeps the suite's compile settings (tests/conftest.py).
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
+      f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"))
   proc = subprocess.run([sys.executable, WORKER], env=env, capture_output=True, text=True,
                         timeout=600)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('REPORT ')]
