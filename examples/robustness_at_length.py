@@ -39,7 +39,9 @@ def cell_dir(out: str, lr: float, momentum: float) -> str:
 
 
 def _final(path: str, name: str):
-  """(final test accuracy per seed, smallest mean eig(P) at the end or None, done) of one run."""
+  """One run's record, reduced: final test accuracy per seed ('acc'), whether every seed's last
+  train loss is finite, FOP's smallest mean eig(P) at the end (None for momentum), 'done' and
+  'step'; None when the run has no evaluation on record yet."""
   file = os.path.join(path, f'{name}.json')
   if not os.path.exists(file):
     return None
