@@ -6,7 +6,8 @@ optimiser on the same shapes inside a new ``jax.jit`` closure, in another xdist 
 subprocess. JAX's persistent compilation cache, keyed on the program, the JAX version and the
 flags, turns those into cache hits. The cache lives in a fresh directory for each test run
 (shared by its workers through ``PYTEST_XDIST_TESTRUNUID``), so every run starts cold, as CI
-does, and a stale entry can never reach a later run. Set ``FOP_TEST_NO_COMPILE_CACHE=1`` to
+does, and a stale entry can never reach a later run (a ``JAX_COMPILATION_CACHE_DIR`` you set is used
+and kept). Set ``FOP_TEST_NO_COMPILE_CACHE=1`` to
 switch it off.
 
 The suite also compiles with LLVM's optimisation passes off (``--xla_backend_optimization_level=0``
@@ -30,6 +31,8 @@ if not os.environ.get('FOP_TEST_NO_COMPILE_CACHE'):
   _run = os.environ.get('PYTEST_XDIST_TESTRUNUID') or f'pid{os.getpid()}'
   _dir = os.path.join(tempfile.gettempdir(), f'fop_optax_jax_cache_{_run}')
   # Environment, not only jax.config: subprocesses (examples, notebooks, workers) read it too.
+  # A directory the user set is used and left alone; only this run's own one is removed.
+  _OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
   os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _dir)
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
@@ -45,7 +48,6 @@ if not os.environ.get('FOP_TEST_NO_COMPILE_CACHE'):
 
 def pytest_sessionfinish(session):
   """The controller (not an xdist worker) removes this run's cache when the run ends."""
-  if not os.environ.get('FOP_TEST_NO_COMPILE_CACHE') and not hasattr(session.config,
-                                                                     'workerinput'):
+  if globals().get('_OWN_CACHE') and not hasattr(session.config, 'workerinput'):
     import shutil  # pylint: disable=import-outside-toplevel
     shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
