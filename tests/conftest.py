@@ -4,11 +4,11 @@ Most of the suite's time is XLA:CPU compiling (a FOP update with the guard takes
 compile and milliseconds to run), and many tests compile the same program again: the same
 optimiser on the same shapes inside a new ``jax.jit`` closure, in another xdist worker or in a
 subprocess. JAX's persistent compilation cache, keyed on the program, the JAX version and the
-flags, turns those into cache hits. The cache lives in a fresh directory for each test run
-(shared by its workers through ``PYTEST_XDIST_TESTRUNUID``), so every run starts cold, as CI
-does, and a stale entry can never reach a later run (a ``JAX_COMPILATION_CACHE_DIR`` you set is used
-and kept). Set ``FOP_TEST_NO_COMPILE_CACHE=1`` to
-switch it off.
+flags, turns those into cache hits. The cache lives in a fresh directory for each test run (the
+controller names it; xdist workers and subprocesses inherit it through the environment), so every
+run starts cold, as CI does, and a stale entry can never reach a later run (a
+``JAX_COMPILATION_CACHE_DIR`` you set is used and kept). ``FOP_TEST_NO_COMPILE_CACHE=1`` switches
+it off.
 
 The suite also compiles with LLVM's optimisation passes off (``--xla_backend_optimization_level=0``
 in ``XLA_FLAGS``; XLA's own HLO passes still run): about a quarter less compile time, and the
@@ -28,8 +28,7 @@ if not os.environ.get('FOP_TEST_FULL_OPT'):
     os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
 if not os.environ.get('FOP_TEST_NO_COMPILE_CACHE'):
-  _run = os.environ.get('PYTEST_XDIST_TESTRUNUID') or f'pid{os.getpid()}'
-  _dir = os.path.join(tempfile.gettempdir(), f'fop_optax_jax_cache_{_run}')
+  _dir = os.path.join(tempfile.gettempdir(), f'fop_optax_jax_cache_pid{os.getpid()}')
   # Environment, not only jax.config: subprocesses (examples, notebooks, workers) read it too.
   # A directory the user set is used and left alone; only this run's own one is removed.
   _OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
