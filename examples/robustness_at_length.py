@@ -11,7 +11,7 @@ The run behind docs/results_paper_length.md (MLP, 1 seed, the paper's grid hyper
 
   python3 examples/robustness_at_length.py --model mlp --seeds 1 --lrs 0.05,0.2,0.5 \
       --momenta 0.9,0.99 --out results/robustness_at_length_mlp \
-      --plot results/robustness_at_length_mlp/grid.png
+      --plot docs/img/robustness_at_length_mlp.png
   python3 examples/robustness_at_length.py --steps 0 ...   # the same, reading finished cells only
 
 Anything after ``--`` goes to ``paper_length.py`` unchanged (e.g. ``-- --subset 512 --quiet``).
@@ -28,6 +28,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import budget_study  # noqa: E402
 import paper_length  # noqa: E402
 import robustness_grid  # noqa: E402
 
@@ -39,22 +40,17 @@ def cell_dir(out: str, lr: float, momentum: float) -> str:
 
 
 def _final(path: str, name: str):
-  """One run's record, reduced: final test accuracy per seed ('acc'), whether every seed's last
-  train loss is finite, FOP's smallest mean eig(P) at the end (None for momentum), 'done' and
-  'step'; None when the run has no evaluation on record yet."""
+  """One run's record, reduced: final test accuracy per seed ('acc') and FOP's smallest mean
+  eig(P) at the end (None for momentum), both read by budget_study's reader, whether every
+  seed's last train loss is finite, 'done' and 'step'; None when the run has no evaluation yet."""
   file = os.path.join(path, f'{name}.json')
   if not os.path.exists(file):
     return None
   with open(file) as f:
-    rec = json.load(f)
-  seeds = rec['history']['seeds']
-  if not seeds[0]['test_accuracy']:
-    return None
-  acc = np.array([h['test_accuracy'][-1] for h in seeds], np.float64)
-  loss = np.array([h['train_loss'][-1] for h in seeds], np.float64)
-  mean_eig = None
-  if seeds[0].get('lambda_mean'):
-    mean_eig = min(min(v[-1] for v in h['lambda_mean'].values()) for h in seeds)
+    if not json.load(f)['history']['seeds'][0]['test_accuracy']:
+      return None
+  rec, acc, mean_eig = budget_study._final(path, name)
+  loss = np.array([h['train_loss'][-1] for h in rec['history']['seeds']], np.float64)
   return {'acc': acc, 'finite': bool(np.all(np.isfinite(loss))), 'mean_eig': mean_eig,
           'done': bool(rec['done']), 'step': rec['step']}
 

@@ -521,14 +521,21 @@ def test_injected_errors():
     tx.update(jax.grad(train_loss)(params), tx.init(params), params, train_loss_fn=train_loss)
 
 
-def test_study_example_smoke(tmp_path):
-  """examples/one_pass_study.py runs end to end (diabetes, 2 inits, 30 steps) and redraws from JSON."""
+def _one_pass_study():
+  """examples/one_pass_study.py as a module (examples/ is not a package)."""
   import os
   import sys
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   'examples'))
-  import json
   import one_pass_study  # pylint: disable=import-outside-toplevel
+  return one_pass_study
+
+
+def test_study_example_smoke(tmp_path):
+  """examples/one_pass_study.py runs end to end (diabetes, 2 inits, 30 steps) and redraws from JSON."""
+  import json
+  import os
+  one_pass_study = _one_pass_study()
   out, img = str(tmp_path / 'r.json'), str(tmp_path / 'r.png')
   args = ['diabetes', '--inits', '2', '--steps', '30', '--evals', '2', '--methods',
           'fixed,one_pass_pp', '--out', out, '--img', img]
@@ -544,11 +551,7 @@ def test_study_example_smoke(tmp_path):
 
 def test_study_reads_the_hd_learning_rate_from_the_state():
   """one_pass_study's 'hd' row reports the η that sgd_hd's state holds, one per init."""
-  import os
-  import sys
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  'examples'))
-  import one_pass_study  # pylint: disable=import-outside-toplevel
+  one_pass_study = _one_pass_study()
   h = {'learning_rate': jnp.array([0.01, 0.02]), 'momentum': jnp.array([0.5, 0.6]),
        'weight_decay': jnp.array([1e-4, 1e-3])}
   params = {'w': jnp.ones((2, 3, 4)), 'b': jnp.zeros((2, 4))}
