@@ -301,7 +301,16 @@ def hlo_passes(hlo_text: str, size: int) -> float:
       order.append((current, bool(head.group(1))))
       continue
     inst = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([\w\-]+)\((.*)', line)
-    if inst and current is not None:
+    if inst is None:
+      # A tuple-shaped result (conditional, while, multi-output fusion): its shape holds
+      # spaces and '/*index=5*/' comments, so find the op as the word before the operands.
+      inst = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)) ([\w\-]+)\((%.*)', line)
+      if inst and current is not None:
+        sizes = [math.prod(int(d) for d in dims.split(',') if d)
+                 for dims in re.findall(r'\w+\[([\d,]*)\]', inst.group(2))]
+        comps[current].append((inst.group(3), sizes, inst.group(4)))
+      continue
+    if current is not None:
       n = math.prod(int(d) for d in inst.group(3).split(',') if d)
       shapes[inst.group(1)] = n
       comps[current].append((inst.group(4), n, inst.group(5)))
@@ -322,7 +331,8 @@ def hlo_passes(hlo_text: str, size: int) -> float:
       if op in _NO_TRAFFIC:
         continue
       operands = re.findall(r'%([\w.\-]+)', rest.split('), ')[0])
-      total += (n == size) + sum(shapes.get(o) == size for o in operands)
+      writes = n.count(size) if isinstance(n, list) else int(n == size)
+      total += writes + sum(shapes.get(o) == size for o in operands)
     for kind, subs in called.get(name, []):
       subs = [c for c in subs if c in comps]
       if subs:
