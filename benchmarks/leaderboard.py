@@ -526,6 +526,10 @@ def summarize_runs(runs):
                      target_step=_stats([r['target_step'] for r in reached]) if most else None,
                      target_wall_s=_stats([r['target_wall_s'] for r in reached]) if most else None,
                      final=_stats([r['final'] for r in rs]),
+                     # Runs whose loss went non-finite (no final metric, not stopped by
+                     # --run-time-limit, no error): they rank as failures, not as absent.
+                     diverged=sum(r['final'] is None and not r.get('stopped_at')
+                                  and not r['error'] for r in rs),
                      ms_per_step=_stats([r['ms_per_step'] for r in rs]),
                      stopped=sorted(r['stopped_at'] for r in rs if r.get('stopped_at')),
                      errors=sorted({r['error'] for r in rs if r['error']})))
@@ -534,7 +538,8 @@ def summarize_runs(runs):
 
 def board(runs, skips, entries=None):
   """Per task and entry: the default's row and the best swept value's row (highest median final
-  metric, ties to fewer median steps to target); skips as ``{(task, entry): reason}``."""
+  metric, ties to fewer median steps to target; a value with a diverged seed ranks below every
+  value without one); skips as ``{(task, entry): reason}``."""
   rows = summarize_runs(runs)
   names = entries or list(ENTRIES)
   result = []
@@ -549,7 +554,7 @@ def board(runs, skips, entries=None):
         continue
       default = ENTRIES[name].default['ppo' if task == 'ppo' else 'classify']
       d = next((r for r in mine if r['value'] == default), None)
-      key = lambda r: (-(r['final'] or {'median': -np.inf})['median'],
+      key = lambda r: (r.get('diverged', 0) > 0, -(r['final'] or {'median': -np.inf})['median'],
                        (r['target_step'] or {'median': np.inf})['median'])
       best = min(mine, key=key)
       errors = sorted({e for r in mine for e in r['errors']})
@@ -588,6 +593,8 @@ def _cells(s, ms: bool = False) -> list[str]:
     return ['—'] * len(keys)
   cells = [_fmt(s[k], fmt) for k, fmt in keys]
   cells[0] += f" [{s['reached']}/{s['seeds']}]"
+  if s.get('diverged'):   # the final metric's median is over the seeds that did not diverge
+    cells[2] += f" [{s['diverged']}/{s['seeds']} diverged]"
   return cells
 
 
@@ -653,8 +660,9 @@ def markdown(result, meta) -> str:
       f'{e.label}: {e.sweep}' for e in ENTRIES.values() if e.sweep != 'learning_rate') +
       "; K-FAC's \"adaptive\" is kfac-jax's adaptive learning rate, momentum and damping "
       '(its README), a number fixes the learning rate (momentum 0.9). Time to target: the '
-      'median only when most seeds reached it, [reached/seeds]. Best: highest median final '
-      'metric over the sweep.')
+      'median only when most seeds reached it, [reached/seeds]. Final: the median over the '
+      'seeds whose loss stayed finite, [k/n diverged] where some did not. Best: highest median '
+      'final metric over the sweep among the values where no seed diverged (then the others).')
   return '\n'.join(lines)
 
 

@@ -105,6 +105,28 @@ def test_best_value_is_the_highest_median_final():
   assert row['best']['reached'] == 2   # 2 of 3 seeds: the median is still given
 
 
+def test_a_value_whose_seeds_diverge_is_not_the_best():
+  """A diverged run (loss non-finite: no final metric) counts as a failure: K-FAC at a fixed
+  rate once 'won' the sweep with one surviving seed of three, its diverged seeds dropped."""
+  runs = []
+  for value, finals in ((0.01, [0.73, 0.70, 0.75]), (0.1, [None, None, 0.754]),
+                        (1.0, [None, None, None])):
+    for seed, f in enumerate(finals):
+      runs.append(dict(task='mlp', entry='momentum', value=value, seed=seed, final=f,
+                       target_step=None, target_wall_s=None, ms_per_step=1.0, error=None,
+                       stopped_at=None, history=[]))
+  # A run stopped by --run-time-limit has no final metric either, but did not diverge.
+  runs.append(dict(task='mlp', entry='momentum', value=0.05, seed=0, final=None,
+                   target_step=None, target_wall_s=None, ms_per_step=1.0, error=None,
+                   stopped_at=300, history=[]))
+  (row,) = leaderboard.board(runs, {}, ['momentum'])
+  assert row['best']['value'] == 0.01 and row['best']['diverged'] == 0
+  by_value = {r['value']: r for r in leaderboard.summarize_runs(runs)}
+  assert by_value[0.1]['diverged'] == 2 and by_value[1.0]['diverged'] == 3
+  assert by_value[0.05]['diverged'] == 0
+  assert leaderboard._cells(by_value[0.1])[2] == '0.754 [2/3 diverged]'
+
+
 def test_resume_runs_only_what_the_partial_file_lacks(tmp_path, monkeypatch):
   """Every finished run is appended to OUT.partial.jsonl; ``--resume`` keeps those and runs the
   rest of the plan; entries resumed but left out of this call's --entries stay on the board."""
