@@ -174,6 +174,29 @@ def momentum():
   return optax.sgd(LR, momentum=0.9)
 
 
+def _fixed_low_rank_pg(rank: int = 8) -> optax.GradientTransformation:
+  """``P·G`` with a fixed random low-rank ``M = I + UVᵀ`` per matrix of the default rule, nothing else.
+
+  A reference for what ``P·G`` itself costs: no stored gradient, no hypergradient, no
+  ``lax.cond``; ``M`` is in the state so that XLA cannot fold it into a constant.
+  """
+  structure = fop_optax.structures.LowRank(rank=rank)
+
+  def init_fn(params):
+    structs = fop_optax.resolve_structures(params)
+    return jax.tree.map(
+        lambda s, p: (0.01 * jax.random.normal(jax.random.key(p.size), (2, p.shape[0], rank))
+                      if isinstance(s, fop_optax.structures.LowRank) else jnp.zeros((0,))),
+        structs, params)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda m, g: g if m.size == 0 else structure.precondition(m, g),
+                        state, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def fop_chain(**kwargs):
   return optax.chain(fop_optax.scale_by_fop(LR, **kwargs), optax.sgd(LR, momentum=0.9))
 
@@ -224,6 +247,18 @@ def cases(args) -> list[Case]:
               ('fop r=2 k=8 no skip no guard',
                dict(update_every=8, skip_nonfinite=False, max_scale=None)),
               ('fop r=2 P·G only', dict(update_every=10**6, skip_nonfinite=False)))}),
+      # The default alias taken apart (rank 8, every step): what the non-finite skip, the
+      # guard and the hypergradient each add, and a bare P·G of a fixed low-rank M without
+      # FOP's state (no stored gradient, no lax.cond) as the reference for P·G itself.
+      Case('mlp256_parts', mlp((784, 256, 256, 10)), 128, {
+          **{name: (lambda kw=kw: fop_optax.fop(LR, **kw)) for name, kw in (
+              ('fop', {}),
+              ('fop no skip', dict(skip_nonfinite=False)),
+              ('fop no skip no guard', dict(skip_nonfinite=False, max_scale=None)),
+              ('fop P·G only no guard',
+               dict(update_every=10**6, skip_nonfinite=False, max_scale=None)))},
+          'bare P·G (fixed M) + momentum': lambda: optax.chain(_fixed_low_rank_pg(), momentum()),
+          'momentum + skip': lambda: fop_optax.nonfinite.for_alias(momentum())}),
       # Where the default rule should switch from full to low rank (max_full_dim).
       *[Case(f'dense{a}_switch', dense(a), 128, {
           'fop full': lambda a=a: fop_optax.fop(LR, max_full_dim=a),
