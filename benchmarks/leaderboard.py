@@ -78,7 +78,9 @@ extrapolate:
 So on this machine: ``--tasks ppo`` and ``--tasks mlp --no-sweep`` are practical; the whole
 board needs a GPU (or days). Measured when they ran (docs/leaderboard.md, load 1.4-5.8): MLP
 ``--no-sweep``, 3 seeds, 89 min (LODO 2.9 s/step, stopped by ``--run-time-limit`` after 618
-steps; series SFN 0.66 s/step); PPO with the sweep, 2 seeds, 88 runs, ~45 min; the narrow CNN
+steps; series SFN 0.66 s/step); the MLP sweep without LODO and series SFN (3 seeds, 119 runs:
+``--entries`` without them, ``--resume``) 41 min at load 0.4-5.8, 5-50 s a run (PSGD kron and
+Muon the longest); PPO with the sweep, 2 seeds, 88 runs, ~45 min; the narrow CNN
 (``--cnn-widths 8,16``) 1.5-2 min a run for the cheap entries, series SFN 24 s/step.
 ``--resume`` (every run is appended to ``OUT.partial.jsonl``) lets a board span sessions or
 give a costly entry fewer seeds.
