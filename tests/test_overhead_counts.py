@@ -41,7 +41,7 @@ def test_the_work_inside_a_conditional_counts():
   assert inside >= 3
 
 
-def test_the_costlier_branch_counts_and_a_skipped_branch_adds_nothing():
+def test_the_costlier_branch_is_the_one_counted():
   x, y = jnp.ones(SHAPE), jnp.ones(SHAPE)
 
   def cheap(p, x, y):   # both branches one elementwise op
