@@ -50,6 +50,56 @@ def test_registry_covers_every_exported_optimiser():
         assert e.default[kind] in e.grid[kind], (e.name, kind)
 
 
+def _two_steps(entry, value):
+  """The updates of two steps of ``entry`` at ``value`` on a tiny softmax regression, driven
+  as ``run_classify`` drives it (the extra arguments of its ``drive``)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  x = jax.random.normal(jax.random.key(0), (16, 5))
+  y = jnp.arange(16) % 3
+  params = {'w': 0.1 * jax.random.normal(jax.random.key(1), (5, 3)), 'b': jnp.zeros(3)}
+  apply = lambda p: x @ p['w'] + p['b']
+  ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+  loss_fn = lambda p: ce(apply(p))
+  tx = optax.with_extra_args_support(entry.make(value, 'mlp'))
+  state = tx.init(params)
+  out = []
+  for _ in range(2):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    extra = {'grad': {},
+             'curvature': dict(value=loss, value_fn=loss_fn, model_fn=apply, loss_fn=ce),
+             'hpo': dict(train_loss_fn=loss_fn, val_loss_fn=loss_fn)}[entry.drive]
+    updates, state = tx.update(grads, state, params, **extra)
+    params = optax.apply_updates(params, updates)
+    out.append(updates)
+  return out
+
+
+@pytest.mark.parametrize('name', [n for n, e in leaderboard.ENTRIES.items()
+                                  if e.drive != 'kfac' and e.grid['classify']])
+def test_every_swept_value_changes_the_optimiser(name):
+  """A sweep over a hyperparameter the optimiser ignores is no sweep: series SFN's
+  learning_rate (ignored by its default adaptive step) once gave three identical runs."""
+  import numpy as np
+  entry = leaderboard.ENTRIES[name]
+  reason = leaderboard.skip_reason(entry, 'mlp')
+  if reason:
+    pytest.skip(reason)
+  default = entry.default['classify']
+  # One other value is enough: a knob the optimiser ignores gives the same updates at every value.
+  value = min((v for v in entry.grid['classify'] if v != default), key=lambda v: abs(v - default))
+  base, other = _two_steps(entry, default), _two_steps(entry, value)
+  differs = any(not np.allclose(a, b, rtol=1e-6, atol=0)
+                for u, v in zip(base, other) for a, b in zip(jax_leaves(u), jax_leaves(v)))
+  assert differs, f'{name}: {entry.sweep} = {value} gives the same updates as {default}'
+
+
+def jax_leaves(tree):
+  import jax
+  return jax.tree.leaves(tree)
+
+
 # The MLP smoke (~50 s on 2 cores) runs in CI; CNN (~2 min) and PPO (~1.5 min) would push the
 # suite past its ~15 min budget: FOP_LEADERBOARD_SMOKE=all runs them too.
 ALL_SMOKE = os.environ.get('FOP_LEADERBOARD_SMOKE') == 'all'
@@ -103,6 +153,14 @@ def test_best_value_is_the_highest_median_final():
   assert row['best']['final']['median'] == pytest.approx(0.83)
   assert row['default']['target_step']['median'] == 100
   assert row['best']['reached'] == 2   # 2 of 3 seeds: the median is still given
+  # Mean ± std (population) over the seeds, for the closing notes' headline numbers.
+  final = row['best']['final']
+  assert final['mean'] == pytest.approx((0.84 + 0.83 + 0.30) / 3)
+  assert final['std'] == pytest.approx(math.sqrt(sum(
+      (x - final['mean']) ** 2 for x in (0.84, 0.83, 0.30)) / 3))
+  assert final['n'] == 3
+  table = leaderboard.mean_std(leaderboard.board(runs, {}, ['momentum']))
+  assert '| momentum | 0.05 | 0.810 ± 0.008 (n = 3) | 0.5 | 0.657 ± 0.252 (n = 3) |' in table
 
 
 def test_a_value_whose_seeds_diverge_is_not_the_best():
