@@ -259,6 +259,14 @@ def cases(args) -> list[Case]:
                dict(update_every=10**6, skip_nonfinite=False, max_scale=None)))},
           'bare P·G (fixed M) + momentum': lambda: optax.chain(_fixed_low_rank_pg(), momentum()),
           'momentum + skip': lambda: fop_optax.nonfinite.for_alias(momentum())}),
+      # The lower bound at any rank: a bare P·G of a fixed rank-r M before momentum (no state
+      # but M), beside FOP's cheapest settings without the non-finite skip.
+      Case('mlp256_ranks', mlp((784, 256, 256, 10)), 128, {
+          **{f'bare P·G r={r} + momentum': (lambda r=r: optax.chain(_fixed_low_rank_pg(r),
+                                                                    momentum()))
+             for r in (1, 2, 8)},
+          **{f'fop r={r} k={k} no skip': (lambda r=r, k=k: fop_optax.fop(
+              LR, rank=r, update_every=k, skip_nonfinite=False)) for r, k in ((1, 16), (2, 8))}}),
       # Where the default rule should switch from full to low rank (max_full_dim).
       *[Case(f'dense{a}_switch', dense(a), 128, {
           'fop full': lambda a=a: fop_optax.fop(LR, max_full_dim=a),
