@@ -6,6 +6,10 @@ import math
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
@@ -53,9 +57,6 @@ def test_registry_covers_every_exported_optimiser():
 def _two_steps(entry, value):
   """The updates of two steps of ``entry`` at ``value`` on a tiny softmax regression, driven
   as ``run_classify`` drives it (the extra arguments of its ``drive``)."""
-  import jax
-  import jax.numpy as jnp
-  import optax
   x = jax.random.normal(jax.random.key(0), (16, 5))
   y = jnp.arange(16) % 3
   params = {'w': 0.1 * jax.random.normal(jax.random.key(1), (5, 3)), 'b': jnp.zeros(3)}
@@ -80,8 +81,7 @@ def _two_steps(entry, value):
                                   if e.drive != 'kfac' and e.grid['classify']])
 def test_every_swept_value_changes_the_optimiser(name):
   """A sweep over a hyperparameter the optimiser ignores is no sweep: series SFN's
-  learning_rate (ignored by its default adaptive step) once gave three identical runs."""
-  import numpy as np
+  learning_rate (ignored by its default adaptive step) once gave a run identical to the default's."""
   entry = leaderboard.ENTRIES[name]
   reason = leaderboard.skip_reason(entry, 'mlp')
   if reason:
@@ -91,13 +91,8 @@ def test_every_swept_value_changes_the_optimiser(name):
   value = min((v for v in entry.grid['classify'] if v != default), key=lambda v: abs(v - default))
   base, other = _two_steps(entry, default), _two_steps(entry, value)
   differs = any(not np.allclose(a, b, rtol=1e-6, atol=0)
-                for u, v in zip(base, other) for a, b in zip(jax_leaves(u), jax_leaves(v)))
+                for u, v in zip(base, other) for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)))
   assert differs, f'{name}: {entry.sweep} = {value} gives the same updates as {default}'
-
-
-def jax_leaves(tree):
-  import jax
-  return jax.tree.leaves(tree)
 
 
 # The MLP smoke (~50 s on 2 cores) runs in CI; CNN (~2 min) and PPO (~1.5 min) would push the
