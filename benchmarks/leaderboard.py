@@ -620,6 +620,14 @@ def _provenance(meta) -> str:
   return ''
 
 
+def _rank(r):
+  """Board order: working entries first, by the final metric at the best value, ties (e.g.
+  CartPole's 500) by steps to target."""
+  b = r.get('best') or {}
+  return (r['status'] != 'works', -(b.get('final') or {'median': -1})['median'],
+          (b.get('target_step') or {'median': np.inf})['median'])
+
+
 def markdown(result, meta) -> str:
   """The leaderboard as GitHub markdown (docs/leaderboard.md)."""
   a = meta['args']
@@ -646,11 +654,7 @@ def markdown(result, meta) -> str:
                '|---|---|---|---|---|---|---|---|---|---|'] if swept else
               [f'| entry | status | value (default) | {unit} to target | s to target | final '
                f'| ms/{unit[:-1]} |', '|---|---|---|---|---|---|---|'])
-    def rank(r):  # final metric at the best value, ties (e.g. CartPole's 500) by steps to target
-      b = r.get('best') or {}
-      return (r['status'] != 'works', -(b.get('final') or {'median': -1})['median'],
-              (b.get('target_step') or {'median': np.inf})['median'])
-    for r in sorted([r for r in result if r['task'] == task], key=rank):
+    for r in sorted([r for r in result if r['task'] == task], key=_rank):
       label = ENTRIES[r['entry']].label
       if r['status'] == 'skipped':
         lines.append(f"| {label} | skipped: {r['reason']} |" + ' |' * (8 if swept else 5))
@@ -684,9 +688,8 @@ def mean_std(result) -> str:
     lines += [f'### {task}: final metric, mean ± std over seeds (n = seeds with a final metric)',
               '', '| entry | default | final (default) | best | final (best) |',
               '|---|---|---|---|---|']
-    rows = [r for r in result if r['task'] == task and r['status'] != 'skipped']
-    rows.sort(key=lambda r: -((r.get('best') or {}).get('final') or {'median': -1})['median'])
-    for r in rows:
+    for r in sorted([r for r in result if r['task'] == task and r['status'] != 'skipped'],
+                    key=_rank):
       cells = []
       for s in (r['default'], r['best']):
         f = s and s['final']
