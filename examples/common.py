@@ -15,6 +15,7 @@ Used by ``examples/demo.py``, ``examples/classify.py`` and ``examples/robustness
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import json
 import os
@@ -246,12 +247,50 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, momentum: f
     return optax.adam(adam_lr)
   if name == 'fop_adam':
     return fop_optax.fop_adam(adam_lr, hyper_learning_rate=h)
+  if name in FOP_ARMS:
+    return fop_optax.fop(lr, mom, hyper_optimizer=optax.adam(PAPER_HYPER_LR), **fop_arm_rule(name))
   raise ValueError(f'unknown optimiser {name!r}; expected one of {", ".join(LABELS)}')
+
+
+# The faithful arms of issue 28: FOP+momentum with the paper's hyper-optimiser exactly
+# (``optax.adam(1e-4)`` given as ``hyper_optimizer``, so the package applies it as it is, with
+# no per-leaf calibration of the step), differing only in the bound on λ_max(P).
+PAPER_HYPER_LR = 1e-4
+SPATIAL_BOUND = 4.0
+FOP_ARMS = {
+    'fop_paper': 'FOP (paper: P = MᵀM unbounded)',
+    'fop_b1': 'FOP (bound 1)',
+    'fop_s4': f'FOP (bound {SPATIAL_BOUND:g} spatial, 1 dense)',
+    'fop_norm_paper': 'FOP-norm (paper)',
+}
+
+
+def _spatial_bound(params, bound: float = SPATIAL_BOUND):
+  """The default rule's structures with the spatial ones bounded at ``bound`` (dense ones keep
+  the transformation's ``max_scale``)."""
+  resolved = fop_optax.resolve_structures(params, max_scale=None)
+  return jax.tree.map(
+      lambda s: dataclasses.replace(s, max_scale=bound)
+      if isinstance(s, fop_optax.structures.Spatial) else s, resolved)
+
+
+def fop_arm_rule(name: str) -> dict:
+  """The keywords that set FOP variant ``name``'s structures and bound, as given to
+  :func:`fop_optax.fop` and to :mod:`fop_optax.diagnostics` (so ``P`` is read as applied)."""
+  if name in ('fop', 'fop_adam', 'fop_b1'):
+    return {}
+  if name in ('fop_norm', 'fop_norm_paper'):
+    return dict(normalize=True)
+  if name == 'fop_paper':
+    return dict(max_scale=None)
+  if name == 'fop_s4':
+    return dict(structures=_spatial_bound)
+  raise ValueError(f'{name!r} is not a FOP variant')
 
 
 LABELS = {
     'momentum': 'momentum', 'fop': 'FOP+momentum', 'shd': 'S-HD', 'pphd': 'PP-HD',
-    'fop_norm': 'FOP-norm', 'adam': 'Adam', 'fop_adam': 'FOP+Adam',
+    'fop_norm': 'FOP-norm', 'adam': 'Adam', 'fop_adam': 'FOP+Adam', **FOP_ARMS,
 }
 
 # name -> callable(learning_rate, momentum) -> optax.GradientTransformation (default hyper lrs).

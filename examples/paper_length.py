@@ -93,8 +93,10 @@ import common  # noqa: E402
 
 import fop_optax  # noqa: E402
 
-FOP_VARIANTS = ('fop', 'fop_norm', 'fop_adam')
+FOP_VARIANTS = ('fop', 'fop_norm', 'fop_adam', *common.FOP_ARMS)
 ALL_OPTIMIZERS = ('momentum', 'fop', 'fop_norm', 'shd', 'pphd', 'adam', 'fop_adam')
+# issue 28's faithful arms (the paper's hyper-optimiser, each bound): run only when named
+KNOWN_OPTIMIZERS = (*ALL_OPTIMIZERS, *common.FOP_ARMS)
 HD_VARIANTS = ('shd', 'pphd')
 
 
@@ -197,12 +199,12 @@ class Runner:
     self.eval_batch = jax.jit(over_seeds(eval_batch, how, (0, None, None, None)))
     self.spectra = None
     if name in FOP_VARIANTS:
-      rule = dict(normalize=name == 'fop_norm')  # max_scale: the transformation's default
+      rule = common.fop_arm_rule(name)
 
       def spectra(s, p):
         tree = fop_optax.diagnostics.spectra(s, p, **rule)
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {jax.tree_util.keystr(k): (ev[0], ev.mean()) for k, ev in flat}
+        return {jax.tree_util.keystr(k): (ev[0], ev.mean(), ev[-1]) for k, ev in flat}
       self.spectra = jax.jit(over_seeds(spectra, how, (0, 0)))
     self.rates = None
     if name in HD_VARIANTS:
@@ -245,7 +247,7 @@ def _machine() -> dict:
 def _new_history(seeds: Sequence[int], fop: bool, hd: bool = False) -> dict:
   per_seed = {'seed': None, 'test_accuracy': [], 'test_loss': [], 'train_loss': []}
   if fop:
-    per_seed.update(lambda_max={}, lambda_mean={})
+    per_seed.update(lambda_max={}, lambda_mean={}, lambda_min={})
   if hd:   # S-HD / PP-HD: the learned step size α (median, min, max over its entries)
     per_seed.update(alpha_median=[], alpha_min=[], alpha_max=[])
   return {'step': [], 'epoch': [], 'lr': [], 'wall_seconds': [],
@@ -380,9 +382,10 @@ def run_optimizer(name: str, config: dict, data, model_fn, out: str, *, ckpt_eve
         h['train_loss'].append(float(losses[:, k].astype(np.float64).mean()))
         h['test_loss'].append(float(test_loss[k]))
         h['test_accuracy'].append(float(test_acc[k]))
-        for leaf, (lam_max, lam_mean) in spectra.items():
+        for leaf, (lam_max, lam_mean, lam_min) in spectra.items():
           h['lambda_max'].setdefault(leaf, []).append(float(lam_max[k]))
           h['lambda_mean'].setdefault(leaf, []).append(float(lam_mean[k]))
+          h['lambda_min'].setdefault(leaf, []).append(float(lam_min[k]))
         if rates is not None:
           for key, r in zip(('alpha_median', 'alpha_min', 'alpha_max'), rates):
             h[key].append(float(r[k]))
@@ -440,7 +443,7 @@ def learned(out: str, names: Sequence[str] | None = None, data_dir: str | None =
       continue
     params, opt_state, _ = _restore(manager, step, params, opt_state)
     manager.close()
-    rule = dict(normalize=name == 'fop_norm')
+    rule = common.fop_arm_rule(name)
     for k, seed in enumerate(config['seeds']):
       at = lambda t: jax.tree.map(lambda v: v[k], t)
       mats = what_fop_learns.named(fop_optax.diagnostics.preconditioner_matrices(
@@ -484,7 +487,7 @@ def learned(out: str, names: Sequence[str] | None = None, data_dir: str | None =
 
 def _records(out: str, names: Sequence[str] | None = None):
   """The JSON records under ``out`` of ``names`` (default: every optimiser with one), in order."""
-  for name in names or ALL_OPTIMIZERS:
+  for name in names or KNOWN_OPTIMIZERS:
     path = os.path.join(out, f'{name}.json')
     if os.path.exists(path):
       with open(path) as f:
@@ -618,8 +621,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.optimizers, args.seeds = 'momentum,fop', '2'
   names = [n for n in args.optimizers.split(',') if n]
   for n in names:
-    if n not in ALL_OPTIMIZERS:
-      parser.error(f'unknown optimiser {n!r}; expected some of {",".join(ALL_OPTIMIZERS)}')
+    if n not in KNOWN_OPTIMIZERS:
+      parser.error(f'unknown optimiser {n!r}; expected some of {",".join(KNOWN_OPTIMIZERS)}')
   widths = [int(w) for w in args.cnn_widths.split(',') if w]
   data = common.subset(common.load_dataset(args.dataset, args.data_dir), args.subset,
                        args.test_subset)
