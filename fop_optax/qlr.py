@@ -24,8 +24,14 @@ model predicted it:
   λ ← \begin{cases} ω_{dec}·λ & ρ > 3/4 \\ ω_{inc}·λ & ρ < 1/4 \\ λ & \text{else}
   \end{cases}, \qquad λ ≥ λ_{min},
 
-the new ``λ`` applying from the next step. A non-finite ``f'`` counts as
-``ρ = −∞`` (the damping grows). Cost per step, besides the gradient: one
+the new ``λ`` applying from the next step (:func:`fop_optax._damping.levenberg_marquardt`,
+shared with :func:`fop_optax.series_sfn`). A step the model did not predict is a
+failure whatever ``ρ`` says: where ``M = α gᵀd + ½α²Q ≥ 0`` (the model predicts no
+decrease, e.g. ``step_size_scale > 2`` or ``saddle_free=False`` on negative
+curvature), where ``f' > f``, or where ``f'`` is not finite, ``λ ← ω_{inc}·λ``;
+``ρ`` is then reported as the plain ratio, or ``−∞`` where that is undefined
+(``M = 0``, non-finite ``f'``). A null step (``M = 0`` and ``f' = f``, e.g.
+``g = 0``) keeps ``λ`` and reports ``ρ = 1``. Cost per step, besides the gradient: one
 model JVP (GGN) or two nested JVPs of the loss (Hessian), and one forward
 pass, about one more gradient evaluation in all.
 
@@ -50,6 +56,7 @@ import jax.numpy as jnp
 import optax
 
 from fop_optax import _checks
+from fop_optax import _damping
 from fop_optax import curvature as curvature_lib
 from fop_optax import nonfinite
 
@@ -66,8 +73,9 @@ class QlrState(NamedTuple):
     count: steps taken (int32).
     damping: ``λ`` for the next step.
     step_size: the ``α`` of the last step (negative for a descent step).
-    rho: the last step's reduction ratio ``ρ`` (1 before the first step, and
-      where the model predicted no change).
+    rho: the last step's reduction ratio ``ρ`` (1 before the first step and
+      after a null step; ``−∞`` where undefined: ``M = 0`` or ``f'`` not
+      finite).
     curvature: the last step's ``dᵀCd`` (without damping).
     direction_state: the direction transformation's state.
   """
@@ -118,7 +126,7 @@ def scale_by_qlr(
   * ``value``: ``f(params)``; computed with ``value_fn`` (one more forward
     pass) when not given.
   * ``model_fn(params) -> outputs`` and ``loss_fn`` (``outputs -> scalar``,
-    or ``'softmax_cross_entropy'`` / ``'mse'``, see
+    or ``'softmax_cross_entropy'`` / ``'mse'`` / ``'l2'``, see
     :mod:`fop_optax.curvature`): the GGN, for ``curvature='ggn'``.
 
   Args:
@@ -128,8 +136,10 @@ def scale_by_qlr(
     curvature: ``'ggn'`` (the paper's) or ``'hessian'``.
     initial_damping: ``λ_0`` (the paper's untuned 1e-3); 0 with
       ``min_damping=0`` gives the undamped variant.
-    damping_decrease: ``ω_dec`` (≤ 1), applied when ``ρ > 3/4``.
-    damping_increase: ``ω_inc`` (≥ 1), applied when ``ρ < 1/4``. Both 1: fixed
+    damping_decrease: ``ω_dec`` (≤ 1), applied when ``ρ > 3/4`` (and the
+      model predicted a decrease that came).
+    damping_increase: ``ω_inc`` (≥ 1), applied when ``ρ < 1/4`` or on any
+      failure (``M ≥ 0``, ``f' > f``, non-finite ``f'``). Both 1: fixed
       damping.
     min_damping: lower bound on ``λ`` (1e-8 as the reference).
     saddle_free: use ``α = −gᵀd/|Q|``, so that a direction of negative
@@ -187,7 +197,7 @@ def scale_by_qlr(
     if curvature == 'ggn':
       _require('model_fn', model_fn, "curvature='ggn': the model's outputs on the batch")
       _require('loss_fn', loss_fn, "curvature='ggn': the loss of the outputs, or "
-               "'softmax_cross_entropy' / 'mse'")
+               "'softmax_cross_entropy' / 'mse' / 'l2'")
     grads = updates
     dtype = curvature_lib.scalar_dtype(params)
     d, direction_state = direction.update(grads, state.direction_state, params, **extra_args)
@@ -213,21 +223,18 @@ def scale_by_qlr(
 
     new_value = jnp.asarray(value_fn(optax.apply_updates(params, new_updates))).astype(dtype)
     predicted = alpha * gd + 0.5 * alpha * alpha * q
-    ratio = (new_value - value) / jnp.where(predicted < 0, predicted, -1)
-    rho = jnp.where(predicted < 0, ratio, 1).astype(dtype)
-    rho = jnp.where(jnp.isfinite(new_value), rho, -jnp.inf).astype(dtype)
-    if damping_rule == 'levenberg_marquardt':
-      new_damping = jnp.where(rho > 0.75, damping * damping_decrease,
-                              jnp.where(rho < 0.25, damping * damping_increase, damping))
-    else:
+    rho, new_damping = _damping.levenberg_marquardt(
+        damping, new_value - value, predicted, decrease=damping_decrease,
+        increase=damping_increase, min_damping=min_damping)
+    if damping_rule != 'levenberg_marquardt':
       accept = new_value < value  # False for a NaN f'
       new_damping = jnp.where(accept, damping * damping_decrease, damping * damping_increase)
       new_updates = optax.tree.where(accept, new_updates, optax.tree.zeros_like(new_updates))
       direction_state = optax.tree.where(accept, direction_state, state.direction_state)
-    new_damping = jnp.maximum(new_damping, min_damping).astype(state.damping.dtype)
+      new_damping = jnp.maximum(new_damping, min_damping)
     return new_updates, QlrState(
         count=optax.safe_increment(state.count),
-        damping=new_damping,
+        damping=new_damping.astype(state.damping.dtype),
         step_size=alpha.astype(state.step_size.dtype),
         rho=rho.astype(state.rho.dtype),
         curvature=c.astype(state.curvature.dtype),

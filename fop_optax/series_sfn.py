@@ -51,7 +51,17 @@ multiplies ``δᵀb`` by the previous ``α``, which changes nothing here.)
 Damping: ``f' = f(θ − Δ)`` on the same batch, the model's prediction
 ``M = ½[α μ]A[α μ]ᵀ − [α μ]·rhs``, ``ρ = (f' − f)/M``;
 ``λ ← damping_factor·λ`` if ``ρ > 3/4``, ``λ/damping_factor`` if
-``ρ < 1/4``, ``λ ≥ min_damping``; a non-finite ``f'`` counts as ``ρ = −∞``.
+``ρ < 1/4``, ``λ ≥ min_damping``
+(:func:`fop_optax._damping.levenberg_marquardt`, shared with
+:func:`fop_optax.scale_by_qlr`). A step the model did not predict is a failure
+whatever ``ρ`` says: where ``M ≥ 0`` (the model predicts no decrease, e.g. a
+series that diverged because ``V ≤ λ_max(H²)/2`` and ``uᵀg ≤ 0``), where
+``f' > f``, or where ``f'`` is not finite, ``λ ← λ/damping_factor``; ``ρ`` is
+then reported as the plain ratio, or ``−∞`` where that is undefined (``M = 0``,
+non-finite ``f'``). A null step (``M = 0`` and ``f' = f``, e.g. ``g = 0``) keeps
+``λ`` and reports ``ρ = 1``. (Before, ``M ≥ 0`` reported ``ρ = 1`` and lowered
+``λ``: on a 10×10 positive-definite quadratic with top eigenvalue 20 and ``V``
+stuck at 100, one step took ``f`` from −28.7 to 3.0e8 and ``λ`` from 1 to 0.9.)
 
 References:
   Oldewage, Clarke and Hernández-Lobato, `Series of Hessian-Vector Products
@@ -73,6 +83,7 @@ import numpy as np
 import optax
 
 from fop_optax import _checks
+from fop_optax import _damping
 from fop_optax import curvature as curvature_lib
 from fop_optax import nonfinite
 
@@ -94,7 +105,8 @@ class SeriesSfnState(NamedTuple):
     scale: ``V`` (non-decreasing with ``scale='bound'``).
     step_size: the last ``α``.
     momentum: the last ``μ``.
-    rho: the last reduction ratio (1 before the first step).
+    rho: the last reduction ratio ``ρ`` (1 before the first step and after
+      a null step; ``−∞`` where undefined: ``M = 0`` or ``f'`` not finite).
     last_update: ``δ``, the last step ``Δ`` (params-shaped; ``θ ← θ − Δ``).
     curvature_buffer: ``b ≈ Cδ`` (params-shaped).
     power_vector: the power iteration's warm start (params-shaped), or
@@ -242,7 +254,9 @@ def series_sfn(
     acceleration_order: ``r`` of Wynn's ε-algorithm on the last ``2r + 1``
       partial sums (``K ≥ 2r + 1``); 0 for none.
     initial_damping: ``λ_0``.
-    damping_factor: the damping's factor (0.9); ``None`` keeps ``λ`` fixed
+    damping_factor: the damping's factor (0.9): ``λ ← damping_factor·λ`` on
+      a success (``ρ > 3/4``), ``λ/damping_factor`` on a failure (``ρ < 1/4``,
+      ``M ≥ 0``, ``f' > f`` or non-finite ``f'``); ``None`` keeps ``λ`` fixed
       and skips the extra forward pass.
     min_damping: lower bound on ``λ``.
     initial_scale: ``V_0`` (100).
@@ -424,12 +438,9 @@ def series_sfn(
       new_value = jnp.asarray(value_fn(optax.apply_updates(params, new_updates))).astype(dtype)
       predicted = (0.5 * (alpha * alpha * ug + 2 * alpha * mu * dg + mu * mu * db_solve)
                    - alpha * ug - mu * dg)
-      ratio = (new_value - value) / jnp.where(predicted < 0, predicted, -1)
-      rho = jnp.where(predicted < 0, ratio, 1)
-      rho = jnp.where(jnp.isfinite(new_value), rho, -jnp.inf).astype(dtype)
-      new_damping = jnp.where(rho > 0.75, damping * damping_factor,
-                              jnp.where(rho < 0.25, damping / damping_factor, damping))
-      new_damping = jnp.maximum(new_damping, min_damping)
+      rho, new_damping = _damping.levenberg_marquardt(
+          damping, new_value - value, predicted, decrease=damping_factor,
+          increase=1 / damping_factor, min_damping=min_damping)
     return new_updates, SeriesSfnState(
         count=optax.safe_increment(state.count),
         damping=jnp.asarray(new_damping).astype(state.damping.dtype),
