@@ -121,8 +121,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import warnings
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +134,8 @@ __all__ = [
     'Structure', 'NoPreconditioner', 'Scalar', 'Diagonal', 'Full', 'Spatial',
     'LowRank', 'default_structure', 'resolve_structures', 'as_structure',
     'leaf_role', 'leaf_names', 'STRUCTURE_NAMES', 'ROLES', 'MAX_SPATIAL_TAPS',
+    'FopDimensionNumbers', 'WithDimensions', 'with_dimensions', 'Layout',
+    'normalize_dimensions', 'find_attention_blocks',
 ]
 
 Shape = tuple[int, ...]
@@ -230,6 +233,75 @@ def as_matrix(x: jax.Array, row_axes: int) -> jax.Array:
   return x.reshape(_rows(x.shape, row_axes), math.prod(x.shape[row_axes:]))
 
 
+class FopDimensionNumbers(NamedTuple):
+  """Which axes of a leaf ``P`` acts on, which get their own ``P``, which share it.
+
+  Like ``optax.contrib.MuonDimensionNumbers``: a leaf ``W`` of any rank is read
+  as a stack of matrices. ``rows`` are the axes ``P`` acts on (the contracted
+  *input* axes of the layer: ``x·W`` sums over them), ``batch`` are axes with
+  one independent ``P`` per index (the layer axis of an ``nnx.scan`` stack, the
+  K/V axis of a stacked key/value kernel), and every other axis is a column
+  sharing that ``P``. For each batch index ``i`` the leaf's slice is viewed as
+  the matrix ``(∏ rows, ∏ columns)`` (rows and columns each in their axis
+  order) and preconditioned as ``P_i·G_i``.
+
+  Attributes:
+    rows: an axis or a sequence of axes (negative axes count from the end);
+      must not be empty for a matrix structure.
+    batch: an axis or a sequence of axes; default none.
+  """
+
+  rows: Sequence[int] | int = 0
+  batch: Sequence[int] | int = ()
+
+
+def _axes(x: Sequence[int] | int) -> tuple[int, ...]:
+  return (x,) if isinstance(x, int) else tuple(x)
+
+
+def normalize_dimensions(dims: FopDimensionNumbers, ndim: int) -> tuple[
+    tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """``(rows, batch, columns)`` as non-negative axes of a rank-``ndim`` leaf.
+
+  Raises ``ValueError`` for an axis out of range or named twice.
+  """
+  rows, batch = _axes(dims.rows), _axes(dims.batch)
+  for ax in rows + batch:
+    if not -ndim <= ax < ndim:
+      raise ValueError(f'{dims} names axis {ax}, out of range for a leaf of rank {ndim}')
+  rows = tuple(ax % ndim for ax in rows)
+  batch = tuple(ax % ndim for ax in batch)
+  if len(set(rows + batch)) != len(rows + batch):
+    raise ValueError(f'{dims} names an axis twice (rows {rows}, batch {batch})')
+  columns = tuple(ax for ax in range(ndim) if ax not in rows + batch)
+  return rows, batch, columns
+
+
+class Layout(NamedTuple):
+  """How a structure reads a leaf (:meth:`Structure.layout`), for reports.
+
+  Attributes:
+    rows: the axes ``P`` acts on.
+    batch: axes with one ``P`` per index.
+    columns: the axes sharing ``P``.
+    matrix: the shape of ``P`` as :meth:`Structure.matrix` returns it
+      (``(*batch, a, a)``; leaf-shaped for ``diagonal``; ``()`` for
+      ``scalar``); ``None`` for ``none``.
+    floats: the number of floats in the learned ``m``.
+  """
+
+  rows: tuple[int, ...]
+  batch: tuple[int, ...]
+  columns: tuple[int, ...]
+  matrix: tuple[int, ...] | None
+  floats: int
+
+
+def _state_floats(structure: 'Structure', shape: Shape) -> int:
+  out = jax.eval_shape(lambda: structure.init(tuple(shape), jnp.float32, jax.random.key(0)))
+  return math.prod(out.shape)
+
+
 class Structure:
   """Base class: how one leaf is preconditioned. Subclasses are frozen dataclasses.
 
@@ -318,6 +390,10 @@ class Structure:
     """``λ_max`` of the ``P`` this structure applies (after FOP-norm and the guard)."""
     return jnp.max(jnp.square(m)) if m.ndim else jnp.square(m)
 
+  def layout(self, shape: Shape) -> Layout:
+    """How this structure reads a leaf of ``shape``: its axes, ``P``'s shape and ``m``'s size."""
+    return Layout((), (), tuple(range(len(shape))), None, _state_floats(self, shape))
+
 
 @dataclasses.dataclass(frozen=True)
 class NoPreconditioner(Structure):
@@ -351,6 +427,9 @@ class NoPreconditioner(Structure):
   def top_eigen(self, m):
     return jnp.ones((), m.dtype), jnp.zeros_like(m)
 
+  def layout(self, shape):
+    return Layout((), (), tuple(range(len(shape))), None, 0)   # m: a scalar placeholder
+
 
 @dataclasses.dataclass(frozen=True)
 class Scalar(Structure):
@@ -372,6 +451,9 @@ class Scalar(Structure):
 
   def matrix(self, m, shape):
     return jnp.square(m) * jnp.ones(shape, m.dtype)
+
+  def layout(self, shape):
+    return Layout((), (), tuple(range(len(shape))), (), 1)
 
   def clip(self, m, max_scale):
     bound = jnp.sqrt(jnp.asarray(max_scale, m.dtype))
@@ -397,6 +479,9 @@ class Diagonal(Structure):
   def matrix(self, m, shape):
     del shape
     return jnp.square(m)
+
+  def layout(self, shape):
+    return Layout((), (), tuple(range(len(shape))), tuple(shape), math.prod(shape))
 
   clip = Scalar.clip
 
@@ -489,6 +574,11 @@ class Full(Structure):
   def with_bound(self, max_scale):
     return dataclasses.replace(self, max_scale=max_scale) if self.max_scale is None else self
 
+  def layout(self, shape):
+    k = self._row_axes(tuple(shape))
+    a = _rows(shape, k)
+    return Layout(tuple(range(k)), (), tuple(range(k, len(shape))), (a, a), a * a)
+
   def clip(self, m, max_scale):
     # Projected hypergradient descent: M's singular values are clipped at √B
     # (M ← M Q diag(min(1, √(B/λ))) Qᵀ for MᵀM = QΛQᵀ), so P = MᵀM keeps its
@@ -523,6 +613,10 @@ class Spatial(Full):
 
   def _row_axes(self, shape):
     return len(shape) - 2
+
+  def __repr__(self):
+    return (f'Spatial(rows=taps (all but the last two axes), normalize={self.normalize}, '
+            f'max_scale={self.max_scale})')
 
   def validate(self, shape):
     if len(shape) < 3:
@@ -766,6 +860,11 @@ class LowRank(Structure):
     top = self._top(m)[0]
     return top if self.max_scale is None else jnp.minimum(top, self.max_scale)
 
+  def layout(self, shape):
+    a = _rows(shape, self.row_axes)
+    return Layout(tuple(range(self.row_axes)), (), tuple(range(self.row_axes, len(shape))),
+                  (a, a), 2 * a * min(self.rank, a))
+
   def hyper_step_scale(self, shape):
     # ‖Δ(UVᵀ)‖₂ ≤ lr·√(a·r) for Adam's sign-like steps on the (a×r) factors.
     a = _rows(shape, self.row_axes)
@@ -815,6 +914,182 @@ class LowRank(Structure):
 
     return jax.lax.cond(lam(jnp.ones((), t.dtype)) > bound, shrink,
                         lambda _: jnp.ones((), t.dtype), None)
+
+
+def _batched(fn: Callable, n: int, in_axes) -> Callable:
+  """``fn`` vmapped ``n`` times over the leading axis of the arguments ``in_axes`` marks 0."""
+  for _ in range(n):
+    fn = jax.vmap(fn, in_axes=in_axes)
+  return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class WithDimensions(Structure):
+  """A structure applied along explicit dimension numbers (:class:`FopDimensionNumbers`).
+
+  The leaf's axes are moved to ``(*batch, *rows, *columns)`` (a transpose, no
+  reshape), ``inner`` is applied to each batch index's slice with its rows set
+  to ``len(dims.rows)`` (``Full``/``LowRank`` get ``row_axes = len(rows)``;
+  ``Spatial``, which is ``Full`` over all but the last two axes, becomes that
+  ``Full``), through ``jax.vmap`` over the batch axes, and the result is moved
+  back. ``m`` is the inner ``m`` with leading batch dimensions, so a scanned
+  ``(L, in, out)`` kernel with ``rows=1, batch=0`` has ``L`` independent
+  ``in×in`` matrices and no ``P`` mixes two layers.
+
+  Every method of :class:`Structure` is the inner one's, per batch index:
+  ``matrix`` returns ``(*batch, a, a)``; ``max_eigenvalue`` and ``top_eigen``
+  report the largest over the batch (the spectral norm of the block-diagonal
+  ``P`` of the whole leaf; ``top_eigen``'s gradient is nonzero on that block
+  only); ``hyper_step_scale`` is the inner one's for one slice.
+
+  Attributes:
+    inner: the structure of each slice (a :class:`Structure`).
+    dims: the :class:`FopDimensionNumbers`.
+  """
+
+  name: ClassVar[str] = 'with_dimensions'
+  inner: Structure = dataclasses.field(default_factory=lambda: Full())
+  dims: FopDimensionNumbers = FopDimensionNumbers()
+
+  def __post_init__(self):
+    if not isinstance(self.inner, Structure):
+      raise TypeError(f'WithDimensions needs a Structure as inner, got {self.inner!r}')
+    if isinstance(self.inner, WithDimensions):
+      raise TypeError('WithDimensions cannot wrap another WithDimensions')
+    dims = self.dims
+    if not isinstance(dims, FopDimensionNumbers):
+      dims = FopDimensionNumbers(*dims)
+    # Hashable and comparable: tuples of ints.
+    object.__setattr__(self, 'dims', FopDimensionNumbers(_axes(dims.rows), _axes(dims.batch)))
+
+  @property
+  def max_scale(self) -> float | None:
+    """The inner structure's guard (read by :func:`fop_optax.scale_by_fop`)."""
+    return getattr(self.inner, 'max_scale', None)
+
+  @property
+  def normalize(self) -> bool:
+    return getattr(self.inner, 'normalize', False)
+
+  def _split(self, shape: Shape):
+    """``(rows, batch, columns, perm, inner, inner_shape, batch_shape)`` for a leaf of ``shape``."""
+    rows, batch, columns = normalize_dimensions(self.dims, len(shape))
+    perm = batch + rows + columns
+    inner = self.inner
+    if isinstance(inner, Spatial):
+      inner = Full(row_axes=len(rows), normalize=inner.normalize, max_scale=inner.max_scale)
+    elif isinstance(inner, (Full, LowRank)):
+      inner = dataclasses.replace(inner, row_axes=len(rows))
+    inner_shape = tuple(shape[ax] for ax in rows + columns)
+    batch_shape = tuple(shape[ax] for ax in batch)
+    return rows, batch, columns, perm, inner, inner_shape, batch_shape
+
+  def _to_inner(self, x, perm):
+    return jnp.transpose(x, perm)
+
+  @staticmethod
+  def _from_inner(x, perm):
+    return jnp.transpose(x, tuple(int(i) for i in _inverse(perm)))
+
+  def validate(self, shape):
+    rows, batch, columns, _, inner, inner_shape, _ = self._split(tuple(shape))
+    if not rows and isinstance(inner, (Full, LowRank)):
+      raise ValueError(f'{self!r}: a matrix structure needs at least one row axis')
+    inner.validate(inner_shape)
+
+  def init(self, shape, dtype, key):
+    _, batch, _, _, inner, inner_shape, batch_shape = self._split(tuple(shape))
+    keys = jax.random.split(key, max(math.prod(batch_shape), 1))[:math.prod(batch_shape)]
+    keys = keys.reshape(batch_shape) if batch else key
+    return _batched(lambda k: inner.init(inner_shape, dtype, k), len(batch), 0)(keys)
+
+  def precondition(self, m, g):
+    _, batch, _, perm, inner, _, _ = self._split(g.shape)
+    out = _batched(inner.precondition, len(batch), 0)(m, self._to_inner(g, perm))
+    return self._from_inner(out, perm)
+
+  def hypergradient(self, m, g, g_prev, learning_rate):
+    _, batch, _, perm, inner, _, _ = self._split(g.shape)
+    fn = _batched(inner.hypergradient, len(batch), (0, 0, 0, None))
+    return fn(m, self._to_inner(g, perm), self._to_inner(g_prev, perm), learning_rate)
+
+  def matrix(self, m, shape):
+    _, batch, _, perm, inner, inner_shape, batch_shape = self._split(tuple(shape))
+    out = _batched(lambda x: inner.matrix(x, inner_shape), len(batch), 0)(m)
+    if out.shape == batch_shape + inner_shape:   # elementwise (diagonal, scalar): leaf layout
+      return self._from_inner(out, perm)
+    return out
+
+  def clip(self, m, max_scale):
+    # The inner structure's projection per slice (shape-free for every built-in one).
+    inner = self._split_m(m)
+    return _batched(lambda x: inner.clip(x, max_scale), len(self.dims.batch), 0)(m)
+
+  def clip_and_precondition(self, m, max_scale, g):
+    _, batch, _, perm, inner, _, _ = self._split(g.shape)
+    fn = _batched(lambda x, y: inner.clip_and_precondition(x, max_scale, y), len(batch), 0)
+    m, out = fn(m, self._to_inner(g, perm))
+    return m, self._from_inner(out, perm)
+
+  def _split_m(self, m):
+    """The inner structure for the shape-free methods (its rows only matter through ``m``)."""
+    inner = self.inner
+    if isinstance(inner, Spatial):
+      return Full(row_axes=max(len(self.dims.rows), 1), normalize=inner.normalize,
+                  max_scale=inner.max_scale)
+    if isinstance(inner, (Full, LowRank)):
+      return dataclasses.replace(inner, row_axes=max(len(self.dims.rows), 1))
+    return inner
+
+  def with_bound(self, max_scale):
+    return dataclasses.replace(self, inner=self.inner.with_bound(max_scale))
+
+  def top_eigen(self, m):
+    n = len(self.dims.batch)
+    lam, dlam = _batched(self._split_m(m).top_eigen, n, 0)(m)
+    if not n:
+      return lam, dlam
+    flat = lam.reshape(-1)
+    top = jnp.argmax(flat)
+    mask = (jnp.arange(flat.shape[0]) == top).reshape(lam.shape)
+    return flat[top], dlam * mask.reshape(lam.shape + (1,) * (dlam.ndim - lam.ndim))
+
+  def max_eigenvalue(self, m):
+    n = len(self.dims.batch)
+    return jnp.max(_batched(self._split_m(m).max_eigenvalue, n, 0)(m))
+
+  def hyper_step_scale(self, shape):
+    _, _, _, _, inner, inner_shape, _ = self._split(tuple(shape))
+    return inner.hyper_step_scale(inner_shape)
+
+  def layout(self, shape):
+    rows, batch, columns, _, inner, inner_shape, batch_shape = self._split(tuple(shape))
+    inner_layout = inner.layout(inner_shape)
+    matrix = None if inner_layout.matrix is None else batch_shape + inner_layout.matrix
+    return Layout(rows, batch, columns, matrix, math.prod(batch_shape) * inner_layout.floats)
+
+
+def _inverse(perm: Sequence[int]) -> list[int]:
+  inv = [0] * len(perm)
+  for i, p in enumerate(perm):
+    inv[p] = i
+  return inv
+
+
+def with_dimensions(inner: Structure, dims: FopDimensionNumbers | None) -> Structure:
+  """``inner`` along ``dims``; ``inner`` itself where no wrapper is needed.
+
+  ``NoPreconditioner`` and ``dims = None`` return ``inner``; so do rows that are
+  the leading axes with no batch axis for ``Full``/``LowRank`` (then
+  ``row_axes = len(rows)`` is the same view).
+  """
+  if dims is None or isinstance(inner, NoPreconditioner):
+    return inner
+  rows, batch = _axes(dims.rows), _axes(dims.batch)
+  if (not batch and rows and rows == tuple(range(len(rows)))
+      and type(inner) in (Full, LowRank)):
+    return dataclasses.replace(inner, row_axes=len(rows))
+  return WithDimensions(inner, FopDimensionNumbers(rows, batch))
 
 
 def _top_eigenpair(p):
@@ -936,7 +1211,13 @@ MAX_SPATIAL_TAPS = 64
 
 # What the default rule can tell a leaf is (see the module docstring).
 ROLES: tuple[str, ...] = (
-    'other', 'norm_or_bias', 'embedding', 'attention_input', 'attention_output')
+    'other', 'norm_or_bias', 'embedding', 'attention_input', 'attention_output', 'ambiguous')
+# Path elements under which a rank >= 3 leaf's leading axes are likely heads, a K/V stack
+# or scanned layers rather than conv taps (see ``leaf_role``): attention-like nodes ...
+_ATTENTION_LIKE_SUFFIXES = ('attn', 'attention', 'einsum')
+# ... and stacked-layer nodes (without an integer index below them: ``layers/0/...`` is a
+# list of separate layers, ``layers/...`` one stacked by ``nnx.scan``/``nnx.vmap``).
+_STACK_NAMES = ('layers', 'scan', 'stack', 'blocks')
 _NORM_OR_BIAS_NAMES = ('bias', 'scale')
 _ATTENTION_INPUTS = ('query', 'key', 'value')
 _ATTENTION_OUTPUT = 'out'
@@ -969,6 +1250,23 @@ def leaf_names(path: Sequence[Any]) -> tuple[str, ...]:
   return tuple(names)
 
 
+def find_attention_blocks(params_or_names: Any) -> set[tuple[str, ...]]:
+  """The attention blocks of a tree: paths of nodes with children ``query``, ``key``, ``value``, ``out``.
+
+  Args:
+    params_or_names: a parameters tree, or a sequence of leaf paths as tuples
+      of names (:func:`leaf_names`).
+  """
+  if (isinstance(params_or_names, (list, tuple, set, frozenset))
+      and all(isinstance(n, tuple) and all(isinstance(x, str) for x in n)
+              for n in params_or_names)):
+    all_names = list(params_or_names)
+  else:
+    all_names = [leaf_names(path) for path, _ in
+                 jax.tree_util.tree_flatten_with_path(params_or_names)[0]]
+  return _attention_blocks(all_names)
+
+
 def _attention_blocks(all_names: Sequence[tuple[str, ...]]) -> set[tuple[str, ...]]:
   """Prefixes with children named ``query``, ``key``, ``value`` and ``out``."""
   children: dict[tuple[str, ...], set[str]] = {}
@@ -979,23 +1277,53 @@ def _attention_blocks(all_names: Sequence[tuple[str, ...]]) -> set[tuple[str, ..
   return {prefix for prefix, kids in children.items() if wanted <= kids}
 
 
+def suspect_node(names: Sequence[str]) -> str | None:
+  """The path element that makes a leaf's leading axes ambiguous, or ``None``.
+
+  An attention-like node (an element ``attn``/``attention`` or ending in
+  ``attn``, ``attention`` or ``einsum``, e.g. ``self_attn``, ``q_einsum``) or a
+  stacked-layers node (an element ``layers``, ``scan``, ``stack`` or ``blocks``
+  with no integer index after it in the path) above the leaf.
+  """
+  parents = tuple(names)[:-1]
+  for i, element in enumerate(parents):
+    low = element.lower()
+    if low.endswith(_ATTENTION_LIKE_SUFFIXES):
+      return element
+    if low in _STACK_NAMES and not any(p.isdigit() for p in parents[i + 1:]):
+      return element
+  return None
+
+
 def leaf_role(names: Sequence[str],
-              attention_blocks: Collection[tuple[str, ...]] = frozenset()) -> str:
+              attention_blocks: Collection[tuple[str, ...]] | None = None, *,
+              shape: Shape | None = None, params: Any = None) -> str:
   """What the default rule takes a leaf to be, from its names (one of ``ROLES``).
 
   Args:
-    names: the leaf's path as strings (:func:`leaf_names`).
+    names: the leaf's path as strings (:func:`leaf_names`), or a JAX key path.
     attention_blocks: the paths (tuples of names) of the tree's attention
-      blocks, nodes with children ``query``, ``key``, ``value`` and ``out``;
-      :func:`resolve_structures` finds them in the whole tree.
+      blocks, nodes with children ``query``, ``key``, ``value`` and ``out``.
+      ``None`` (default): found in ``params`` (:func:`find_attention_blocks`)
+      when given, else none.
+    shape: the leaf's shape; needed for ``'ambiguous'`` (rank >= 3).
+    params: the whole parameters tree, to find the attention blocks in.
 
   Returns:
     ``'norm_or_bias'`` for a leaf named ``bias`` or ``scale``; ``'embedding'``
     for a name ending in ``embedding``; ``'attention_input'`` /
     ``'attention_output'`` for the ``kernel`` of an attention block's
-    ``query``/``key``/``value`` / ``out``; ``'other'`` otherwise.
+    ``query``/``key``/``value`` / ``out``; ``'ambiguous'`` for any other leaf
+    of rank >= 3 under an attention-like or stacked-layers node
+    (:func:`suspect_node`): its leading axes may be heads, a K/V stack or
+    scanned layers, which the shape rule would read as conv taps;
+    ``'other'`` otherwise.
   """
   names = tuple(names)
+  if names and not all(isinstance(n, str) for n in names):
+    names = leaf_names(names)
+  if attention_blocks is None:
+    attention_blocks = find_attention_blocks(params) if params is not None else frozenset()
   if not names:
     return 'other'
   name = names[-1]
@@ -1008,6 +1336,8 @@ def leaf_role(names: Sequence[str],
       return 'attention_input'
     if names[-2] == _ATTENTION_OUTPUT:
       return 'attention_output'
+  if shape is not None and len(shape) >= 3 and suspect_node(names) is not None:
+    return 'ambiguous'
   return 'other'
 
 
@@ -1037,7 +1367,7 @@ def default_structure(shape: Shape, role: str = 'other', *, max_full_dim: int | 
   max_full_dim = DEFAULT_MAX_FULL_DIM if max_full_dim is None else max_full_dim
   rank = DEFAULT_RANK if rank is None else rank
   ndim = len(shape)
-  if ndim <= 1 or math.prod(shape) == 0 or role in ('norm_or_bias', 'embedding'):
+  if ndim <= 1 or math.prod(shape) == 0 or role in ('norm_or_bias', 'embedding', 'ambiguous'):
     return NoPreconditioner()
   dense = lambda row_axes: _dense(shape, row_axes, max_full_dim, rank, normalize)
   if role == 'attention_input':
@@ -1060,6 +1390,18 @@ def as_structure(spec: Any, shape: Shape, role: str = 'other', **rule_kwargs) ->
   """
   if isinstance(spec, Structure):
     return spec
+  if isinstance(spec, FopDimensionNumbers):
+    # Dense over the given rows (full up to max_full_dim rows, else low rank), per batch index.
+    rows, _, _ = normalize_dimensions(spec, len(shape))
+    a = math.prod(shape[ax] for ax in rows)
+    max_full_dim = rule_kwargs.get('max_full_dim')
+    max_full_dim = DEFAULT_MAX_FULL_DIM if max_full_dim is None else max_full_dim
+    rank = rule_kwargs.get('rank')
+    rank = DEFAULT_RANK if rank is None else rank
+    normalize = rule_kwargs.get('normalize', False)
+    inner = (Full(normalize=normalize) if a <= max_full_dim
+             else LowRank(rank=rank, normalize=normalize))
+    return with_dimensions(inner, spec)
   if isinstance(spec, str):
     if spec == 'auto':
       return default_structure(shape, role, **rule_kwargs)
@@ -1135,7 +1477,7 @@ def resolve_structures(params: Any, structures: Any = None, *,
   if structures is None:
     structures = 'auto'
 
-  is_spec = lambda x: isinstance(x, (Structure, str))
+  is_spec = lambda x: isinstance(x, (Structure, str, FopDimensionNumbers))
   try:
     # Broadcast the (prefix) tree of labels to one label per parameter leaf.
     specs = jax.tree.map(lambda spec, sub: jax.tree.map(lambda _: spec, sub),
@@ -1150,10 +1492,13 @@ def resolve_structures(params: Any, structures: Any = None, *,
   # its children, so the whole tree's names are collected first.
   names = {path: leaf_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
   blocks = _attention_blocks(list(names.values()))
+  ambiguous = []
 
   def one(path, leaf, spec):
     check_leaf_dtype(path, leaf)
-    role = leaf_role(names[path], blocks)
+    role = leaf_role(names[path], blocks, shape=tuple(leaf.shape))
+    if role == 'ambiguous' and isinstance(spec, str) and spec == 'auto':
+      ambiguous.append(f'{_path_str(path)} {tuple(leaf.shape)}')
     structure = as_structure(spec, tuple(leaf.shape), role, **rule_kwargs).with_bound(max_scale)
     try:
       structure.validate(tuple(leaf.shape))
@@ -1161,7 +1506,16 @@ def resolve_structures(params: Any, structures: Any = None, *,
       raise ValueError(f'parameter {_path_str(path)}: {e}') from None
     return structure
 
-  return jax.tree_util.tree_map_with_path(one, params, specs)
+  resolved = jax.tree_util.tree_map_with_path(one, params, specs)
+  if ambiguous:
+    warnings.warn(
+        f'fop_optax: {len(ambiguous)} parameter(s) of rank >= 3 under an attention-like or '
+        f'stacked-layers node get no preconditioner: {", ".join(ambiguous)}. Their leading axes '
+        'may be heads, a key/value stack or scanned layers, which the default rule would read '
+        'as convolution taps (a P mixing heads or layers). For Flax NNX models pass '
+        'structures=fop_optax.structures_for(model), or give these leaves explicit dimension '
+        'numbers (fop_optax.structures.FopDimensionNumbers / WithDimensions).', stacklevel=3)
+  return resolved
 
 
 def leaf_paths(tree: Any) -> list[str]:

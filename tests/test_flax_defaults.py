@@ -126,9 +126,12 @@ def test_a_lone_out_layer_is_not_attention():
   # A conv named `out` without query/key/value siblings stays a conv kernel.
   params = {'out': {'kernel': jnp.zeros((3, 3, 16, 3))},
             'attn': {'query': {'kernel': jnp.zeros((8, 2, 4))}}}
-  got = _named_structures(params)
+  with pytest.warns(UserWarning, match='structures_for'):
+    got = _named_structures(params)
   assert got['out/kernel'] == S.Spatial()
-  assert got['attn/query/kernel'] == S.Spatial()   # rank 3, 8 rows: same view as Full(1)
+  # A rank-3 kernel under `attn` that is not part of a query/key/value/out block: its
+  # leading axis may be heads, so the default rule gives it no P (and warns).
+  assert got['attn/query/kernel'] == S.NoPreconditioner()
   assert S.leaf_role(('attn', 'query', 'kernel')) == 'other'
   assert S.leaf_role(('attn', 'query', 'kernel'), {('attn',)}) == 'attention_input'
   assert S.leaf_role(('attn', 'out', 'kernel'), {('attn',)}) == 'attention_output'
