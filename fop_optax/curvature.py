@@ -17,7 +17,7 @@ parameter-shaped pytrees.
   VJP) and ``dᵀ G d = (J d)ᵀ ∇²_z ℓ (J d)`` (a model JVP only).
 
 ``loss_fn`` maps the model's outputs to the scalar loss (a closure holding the
-labels), or names one of two losses whose output Hessian has a closed form
+labels), or names one of three losses whose output Hessian has a closed form
 (it does not depend on the labels, so none are needed):
 
 * ``'softmax_cross_entropy'``: ``mean_n −log softmax(z_n)[y_n]`` over every
@@ -25,13 +25,23 @@ labels), or names one of two losses whose output Hessian has a closed form
   y).mean()``); ``∇²_{z_n} = (diag p_n − p_n p_nᵀ)/N``, so
   ``(Jd)ᵀ ∇²_z ℓ (Jd) = mean_n Σ_a t_{na} p_{na} (t_{na} − Σ_b p_{nb} t_{nb})``
   with ``t = J d``.
-* ``'mse'``: ``mean((z − y)²)`` over every element of ``z``; ``∇²_z = 2I/size``,
-  so the quadratic is ``2·mean(t²)``.
+* ``'mse'``: ``mean((z − y)²)``, the mean over *every* element of ``z`` (all
+  axes, batch and output alike) with no ½: ``optax.squared_error(z, y).mean()``
+  or ``jnp.mean((z − y)**2)``. ``∇²_z = 2I/size``, so the quadratic is
+  ``2·mean(t²)``.
+* ``'l2'``: ``mean(½(z − y)²)`` over every element of ``z``, the ½ convention:
+  ``optax.l2_loss(z, y).mean()`` (``optax.l2_loss`` is the elementwise
+  ``½·squared_error``; ``.mean()`` is the reduction this name assumes).
+  ``∇²_z = I/size``, so the quadratic is ``mean(t²)``, half of ``'mse'``'s.
 
-For these two losses the GGN equals the Fisher. The closed forms must match
-the loss the gradient came from; a callable ``loss_fn`` always does (its
-output-space curvature is taken by autodiff, which costs little next to the
-model's JVP).
+The two squared losses differ by a factor of 2 in the loss and so in the
+curvature: naming ``'mse'`` for a gradient of ``optax.l2_loss(...).mean()``
+doubles the curvature and halves a Newton-type step, without an error.
+A sum instead of a mean (``.sum()``, or a mean over the batch axis only) is
+a different scale again; pass the loss itself as a callable then. For the
+named losses the GGN equals the Fisher. The closed forms must match the loss
+the gradient came from; a callable ``loss_fn`` always does (its output-space
+curvature is taken by autodiff, which costs little next to the model's JVP).
 
 All products are exact (no sampling). ``model_fn`` and ``fun`` must be pure
 functions of the parameters on the batch the gradient was taken on (the same
@@ -50,8 +60,9 @@ __all__ = [
     'hvp_fn', 'output_hvp', 'output_quadratic', 'scalar_dtype', 'tree_vdot',
 ]
 
-#: Loss names with a closed-form output Hessian (see the module docstring).
-LOSSES = ('softmax_cross_entropy', 'mse')
+#: Loss names with a closed-form output Hessian (see the module docstring):
+#: ``'mse'`` is ``mean((z − y)²)``, ``'l2'`` is ``optax.l2_loss(z, y).mean()``.
+LOSSES = ('softmax_cross_entropy', 'mse', 'l2')
 
 LossFn = Union[str, Callable[[Any], jax.Array]]
 
@@ -151,6 +162,8 @@ def output_hvp(loss_fn: LossFn, outputs, tangent):
     n = z.size // z.shape[-1]
     p = jax.nn.softmax(z, axis=-1)
     return p * (t - jnp.sum(p * t, axis=-1, keepdims=True)) / n
+  if name == 'l2':
+    return t / z.size
   return 2.0 * t / z.size
 
 
@@ -167,6 +180,8 @@ def output_quadratic(loss_fn: LossFn, outputs, tangent) -> jax.Array:
     mean_t = jnp.sum(p * t, axis=-1, keepdims=True)
     per_example = jnp.sum(t * p * (t - mean_t), axis=-1)
     return jnp.mean(per_example)
+  if name == 'l2':
+    return jnp.mean(t * t)
   return 2.0 * jnp.mean(t * t)
 
 

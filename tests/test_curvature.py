@@ -3,7 +3,8 @@
 The oracles are built independently of the code under test: ``jax.hessian`` of
 the flattened loss, and the explicit Jacobian ``jax.jacfwd`` of the flattened
 model times the output Hessian written out by hand (``diag p − p pᵀ`` per
-example for softmax cross-entropy, ``2I/size`` for the mean squared error).
+example for softmax cross-entropy, ``2I/size`` for the mean squared error), or
+``jax.hessian`` of the written-out optax loss for the named squared losses.
 """
 
 import jax
@@ -142,6 +143,59 @@ def test_ggn_equals_hessian_for_a_linear_model():
   d, = _vectors(lin, 1)
   np.testing.assert_allclose(curvature.ggn_quadratic(model_fn, 'mse', lin, d),
                              curvature.hessian_quadratic(loss, lin, d), rtol=1e-12)
+
+
+_SQUARED_LOSSES = {
+    # name: the loss it stands for, written with optax / jnp as a user would
+    'l2': lambda z, y: optax.l2_loss(z, y).mean(),  # mean(½(z − y)²)
+    'mse': lambda z, y: ((z - y) ** 2).mean(),  # mean((z − y)²), no ½
+}
+
+
+@pytest.mark.parametrize('name', ['l2', 'mse'])
+def test_named_squared_losses_match_autodiff_ggn_of_their_optax_loss(name):
+  """``'l2'`` is ``optax.l2_loss(z, y).mean()``, ``'mse'`` is ``((z − y)**2).mean()``.
+
+  Oracle: the output Hessian by ``jax.hessian`` of the written-out loss (not the
+  closed form), sandwiched by the explicit Jacobian, on a nonlinear model; and
+  on a linear model the full Hessian of the loss of the parameters (G = H).
+  """
+  params, x, _, targets, model_fn = _problem()
+  loss = _SQUARED_LOSSES[name]
+  z = model_fn(params)
+  output_hessian = jax.hessian(lambda flat: loss(flat.reshape(z.shape), targets))(z.reshape(-1))
+  g = _dense_ggn(model_fn, params, output_hessian)
+  v, d = _vectors(params)
+  fv, fd = ravel_pytree(v)[0], ravel_pytree(d)[0]
+  got = ravel_pytree(curvature.ggn_vp(model_fn, name, params, v))[0]
+  np.testing.assert_allclose(got, g @ fv, rtol=1e-10, atol=1e-13)
+  np.testing.assert_allclose(curvature.ggn_quadratic(model_fn, name, params, d), fd @ g @ fd,
+                             rtol=1e-10)
+  # the named form agrees with the same loss passed as a callable
+  np.testing.assert_allclose(
+      curvature.ggn_quadratic(model_fn, lambda out: loss(out, targets), params, d),
+      fd @ g @ fd, rtol=1e-10)
+  # linear model: G = H of the loss as a function of the parameters
+  lin = {'w': params['w1'], 'b': params['b1']}
+  y = targets[:, :1] * jnp.ones((1, 5))
+  linear = lambda p: x @ p['w'] + p['b']
+  h = _dense_hessian(lambda p: loss(linear(p), y), lin)
+  dl, = _vectors(lin, 1)
+  fdl = ravel_pytree(dl)[0]
+  np.testing.assert_allclose(curvature.ggn_quadratic(linear, name, lin, dl), fdl @ h @ fdl,
+                             rtol=1e-12)
+  np.testing.assert_allclose(ravel_pytree(curvature.ggn_vp(linear, name, lin, dl))[0],
+                             h @ fdl, rtol=1e-12, atol=1e-14)
+
+
+def test_mse_curvature_is_twice_l2():
+  """The two conventions differ by exactly 2 (the ½): naming matters for the step length."""
+  params, _, _, _, model_fn = _problem()
+  d, = _vectors(params, 1)
+  mse = curvature.ggn_quadratic(model_fn, 'mse', params, d)
+  l2 = curvature.ggn_quadratic(model_fn, 'l2', params, d)
+  np.testing.assert_allclose(mse, 2 * l2, rtol=1e-14)
+  assert curvature.LOSSES == ('softmax_cross_entropy', 'mse', 'l2')
 
 
 def test_bad_arguments_raise():

@@ -267,3 +267,27 @@ def test_fop_direction_and_flax_nnx():
     last = float(train_step(model, optimizer))
   assert last < 0.2 * first, (first, last)
   assert int(optimizer.opt_state.count[...]) == 101
+
+
+def test_named_l2_matches_optax_l2_loss_and_mse_would_halve_the_step(x64):
+  """A gradient of ``optax.l2_loss(z, y).mean()``: ``loss_fn='l2'`` gives the callable's step.
+
+  Naming ``'mse'`` (``mean((z − y)²)``, no ½) there doubles the curvature and,
+  undamped, halves the step: the silent factor the ``'l2'`` name removes.
+  """
+  params, model_fn, _, _ = _least_squares()
+  k = jax.random.key(7)
+  y = jax.random.normal(k, (20, 2), jnp.float64)
+  loss_fn = lambda z: optax.l2_loss(z, y).mean()
+  value_fn = lambda p: loss_fn(model_fn(p))
+  value, grads = jax.value_and_grad(value_fn)(params)
+
+  def step_size(named):
+    tx = fop_optax.scale_by_qlr(initial_damping=0.0, min_damping=0.0)
+    _, state = tx.update(grads, tx.init(params), params, value=value, value_fn=value_fn,
+                         model_fn=model_fn, loss_fn=named)
+    return float(state.step_size)
+
+  callable_alpha = step_size(loss_fn)
+  np.testing.assert_allclose(step_size('l2'), callable_alpha, rtol=1e-12)
+  np.testing.assert_allclose(step_size('mse'), 0.5 * callable_alpha, rtol=1e-12)
