@@ -283,3 +283,23 @@ def test_qlr_overshooting_step_raises_damping(x64, curvature):
   assert predicted > 0
   np.testing.assert_allclose(state.rho, (after - before) / predicted, rtol=1e-9)
   np.testing.assert_allclose(state.damping, 2e-3, rtol=1e-15)
+
+
+def test_zero_gradient_is_a_null_step_for_both(x64):
+  """At the minimum (``g = 0`` exactly) the step is zero, ``M = 0`` and ``f' = f``.
+
+  No information: λ is kept (not ratcheted up step after step, which in float32
+  would reach Inf and freeze the method), and ρ reads 1 as in a fresh state.
+  """
+  f = lambda x: 0.5 * jnp.sum(x ** 2)
+  x = jnp.zeros(4)
+  value, grads = jax.value_and_grad(f)(x)
+  assert float(jnp.abs(grads).max()) == 0.0
+  qlr = fop_optax.adam_qlr(curvature='hessian', initial_damping=0.3, skip_nonfinite=False)
+  sfn = fop_optax.series_sfn(initial_damping=0.3, skip_nonfinite=False)
+  for tx in (qlr, sfn):
+    state = tx.init(x)
+    for _ in range(3):
+      updates, state = tx.update(grads, state, x, value=value, value_fn=f)
+      assert float(jnp.abs(updates).max()) == 0.0
+      assert float(state.rho) == 1.0 and float(state.damping) == 0.3
