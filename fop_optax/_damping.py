@@ -42,7 +42,7 @@ References:
 
   Martens and Grosse, `Optimizing Neural Networks with Kronecker-factored
   Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, ICML 2015
-  (Section 6.5).
+  (Section 6, adapting λ).
 """
 
 from __future__ import annotations
