@@ -25,9 +25,8 @@ the controller classifies a step as a **failure** (``λ ← ω_{inc}·λ``, neve
 
 Only ``M < 0``, ``f' ≤ f`` finite is judged by ``ρ``. The reported ``ρ`` is
 ``−∞`` where the ratio is undefined (``f' − f`` or ``M`` not finite, or
-``M = 0``) and
-the plain ratio ``(f' − f)/M`` otherwise, also where a failure overrides it
-(``M > 0``). One exception keeps a zero gradient from ratcheting ``λ`` up
+``M = 0``) and the plain ratio ``(f' − f)/M`` otherwise, also where a failure
+overrides it (``M > 0``). One exception keeps a zero gradient from ratcheting ``λ`` up
 without end: a *null step*, ``M = 0`` and ``f' = f`` exactly (e.g. ``g = 0``,
 so the step is zero), carries no information; ``λ`` is kept (still floored)
 and ``ρ`` is reported as 1, the value the methods' states start with.
