@@ -1498,7 +1498,7 @@ def resolve_structures(params: Any, structures: Any = None, *,
     check_leaf_dtype(path, leaf)
     role = leaf_role(names[path], blocks, shape=tuple(leaf.shape))
     if role == 'ambiguous' and isinstance(spec, str) and spec == 'auto':
-      ambiguous.append(f'{_path_str(path)} {tuple(leaf.shape)}')
+      ambiguous.append(f"{'/'.join(names[path])} {tuple(leaf.shape)}")
     structure = as_structure(spec, tuple(leaf.shape), role, **rule_kwargs).with_bound(max_scale)
     try:
       structure.validate(tuple(leaf.shape))
