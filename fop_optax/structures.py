@@ -77,6 +77,9 @@ name ends in ``embedding``             ``'embedding'`` (``nnx.Embed``        ``n
 ``value`` in an attention block        ``(in, heads, head_dim)``             input features)
 ``kernel`` of ``out`` in an            ``'attention_output'``                dense over ``ndim − 1``
 attention block                        ``(heads, head_dim, out)``            axes (heads × head_dim)
+other rank ≥ 3 under an attention-     ``'ambiguous'`` (``nnx.Einsum``       ``none``, and one warning
+like or stacked-layers node            heads, a K/V stack, an ``nnx.scan``   per resolution naming the
+(:func:`suspect_node`)                 layer axis)                           leaves
 other 2-d ``(in, out)``                ``'other'`` (``nnx.Linear``)          dense over 1 axis
 other rank ≥ 3 ``(*lead, in, out)``    ``'other'``: a conv kernel when       ``spatial`` (one
 with ``∏ lead ≤ MAX_SPATIAL_TAPS``     its leading axes are few taps         ``∏lead × ∏lead`` M)
@@ -108,6 +111,29 @@ conv) is not one. Why these choices:
 * Attention kernels are dense kernels whose input is one axis (``query``/
   ``key``/``value``: ``in``) or two (``out``: ``heads × head_dim``), so FOP
   preconditions the same side it preconditions for ``nnx.Linear``.
+
+* A rank ≥ 3 leaf under an *attention-like* node (a path element ``attn``,
+  ``attention``, or ending in ``attn``, ``attention`` or ``einsum``) or a
+  *stacked-layers* node (an element ``layers``, ``scan``, ``stack`` or ``blocks``
+  with no integer index after it: ``layers/0/...`` is a list of separate
+  layers, ``layers/...`` one stacked by ``nnx.scan``), other than the
+  query/key/value/out kernels of an attention block, gets ``none``: its leading
+  axes are likely heads (``nnx.Einsum``'s ``(heads, embed, head_dim)``), a
+  key/value stack ``(2, kv_heads, embed, head_dim)`` or layers ``(L, in, out)``,
+  which the shape rule would read as conv taps, i.e. a ``P`` mixing heads,
+  keys with values, or layers. Leaving them to the base optimiser is safe; one
+  warning per resolution names them and points to
+  :func:`fop_optax.structures_for`, which reads the layers themselves.
+
+Explicit dimension numbers (:class:`FopDimensionNumbers`, like
+``optax.contrib.MuonDimensionNumbers``) read a leaf through any axes:
+``rows`` (the contracted input axes ``P`` acts on), ``batch`` (one ``P`` per
+index) and the remaining columns. :class:`WithDimensions` applies any structure
+that way (transposing the rows to the front and ``jax.vmap``-ing over the batch
+axes), and a bare ``FopDimensionNumbers`` given as a leaf's structure means dense
+over those rows (``full`` up to ``max_full_dim`` rows, else ``low_rank``).
+:func:`fop_optax.structures_for` builds them from a Flax NNX model, and
+:func:`fop_optax.describe` reports how each leaf is read.
 
 Any ``LinearGeneral`` layout the names do not reveal (say ``(h, d, out)``
 outside an attention block, where the shape-only rule would take ``h`` alone
