@@ -33,7 +33,7 @@ How an entry's step is driven (``Entry.drive``):
 * ``curvature`` (AdamQLR, series SFN): also ``value=``, ``value_fn=`` (the loss on the
   batch), ``model_fn=`` (logits of the batch) and ``loss_fn=`` (cross-entropy of logits) for
   Gauss–Newton / Hessian-vector products;
-* ``hpo`` (one-pass HPO): also ``train_loss_fn=`` (the batch's loss) and ``val_loss_fn=`` (a
+* ``hpo`` (one-pass HPO): also ``value_fn=`` (the batch's loss) and ``validation_value_fn=`` (a
   batch of ``--val-batch`` images from a held-out validation split: the last ``--val-size``
   of the 60,000 training images, never trained on);
 * ``kfac``: ``kfac_jax.Optimizer`` (not an optax transformation) through :class:`KfacAdapter`;
@@ -408,8 +408,8 @@ def run_classify(task, entry, value, seed, args):
         extra = dict(value=loss, value_fn=lambda q: loss_fn(q, x, y),
                      model_fn=lambda q: apply(q, x), loss_fn=lambda z: ce(z, y))
       elif entry.drive == 'hpo':
-        extra = dict(train_loss_fn=lambda q: loss_fn(q, x, y),
-                     val_loss_fn=lambda q: loss_fn(q, xv, yv))
+        extra = dict(value_fn=lambda q: loss_fn(q, x, y),
+                     validation_value_fn=lambda q: loss_fn(q, xv, yv))
       else:
         extra = {}
       updates, s = tx.update(grads, s, p, **extra)

@@ -25,26 +25,26 @@ the optimiser's update) for an injected SGD (η, μ, ω) and an injected Adam (i
 Models: ``fmnist_mlp``, the paper's Fashion-MNIST MLP 784-50-10 at batch 50; ``mlp``,
 784-1024-1024-10 at batch 128 (as in ``benchmarks/overhead.py``).
 
-Run: ``python benchmarks/one_pass_cost.py`` (about 6–8 minutes on 2 busy CPU cores).
+Run from the repository root: ``python3 -m benchmarks.one_pass_cost`` (about 6–8 minutes on 2
+busy CPU cores); ``--quick`` for a smoke run.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import statistics
 import sys
 import time
+
+if __name__ == '__main__' and not __package__:
+  sys.exit('run it from the repository root as a module: python3 -m benchmarks.one_pass_cost')
 
 import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fop_optax  # noqa: E402
-from overhead import run_meta, save_rows  # noqa: E402
+import fop_optax
+from benchmarks import _harness as H
 
 LR, MOMENTUM, WD, PERIOD = 0.05, 0.9, 1e-4, 10
 
@@ -111,8 +111,8 @@ def make_period(tx, extra: bool):
     params, state = carry
     x, y, xv, yv = batch
     grads = jax.grad(loss_fn)(params, x, y)
-    kwargs = dict(train_loss_fn=lambda p: loss_fn(p, x, y),
-                  val_loss_fn=lambda p: loss_fn(p, xv, yv)) if extra else {}
+    kwargs = dict(value_fn=lambda p: loss_fn(p, x, y),
+                  validation_value_fn=lambda p: loss_fn(p, xv, yv)) if extra else {}
     updates, state = tx.update(grads, state, params, **kwargs)
     return (optax.apply_updates(params, updates), state), None
 
@@ -151,20 +151,13 @@ def bench_model(name, args):
       fop_optax.one_pass._hvp_fn = default_hvp
     runners[opt] = run
 
-  times = {n: [] for n in runners}
-  cpu = {n: [] for n in runners}
-  names = list(runners)
-  for r in range(args.reps):
-    for opt in names[r % len(names):] + names[:r % len(names)]:
-      t0, c0 = time.perf_counter(), time.process_time()
-      for _ in range(args.inner):
-        runners[opt]()
-      times[opt].append((time.perf_counter() - t0) / args.inner)
-      cpu[opt].append((time.process_time() - c0) / args.inner)
+  clocks = H.interleaved_clocks(runners, args.rounds, args.inner,
+                                {'wall': time.perf_counter, 'cpu': time.process_time})
+  times, cpu = clocks['wall'], clocks['cpu']
+  ratios, cpu_ratios = H.ratios(times, 'sgd'), H.ratios(cpu, 'sgd')   # per round
   rows = []
-  for opt in names:
-    ratio = [a / b for a, b in zip(times[opt], times['sgd'])]
-    cpu_ratio = [a / b for a, b in zip(cpu[opt], cpu['sgd'])]
+  for opt in runners:
+    ratio, cpu_ratio = ratios[opt], cpu_ratios[opt]
     rows.append(dict(model=name, optimizer=opt, batch=batch,
                      params=sum(p.size for p in jax.tree.leaves(params0)),
                      ms_per_step=1e3 * statistics.median(times[opt]) / PERIOD,
@@ -188,13 +181,12 @@ def format_table(rows) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = H.parser(__doc__.split('\n')[0], name='one_pass_cost', rounds=15)
   parser.add_argument('--models', default=','.join(MODELS))
-  parser.add_argument('--reps', type=int, default=15, help='interleaved repetitions')
   parser.add_argument('--inner', type=int, default=3, help='periods per timing')
   parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--out', default=os.path.join('results', 'one_pass_cost.json'))
-  args = parser.parse_args(argv)
+  args = H.apply_quick(parser.parse_args(argv), parser, models='fmnist_mlp', rounds=2, inner=1,
+                       warmup=1)
   rows, t0 = [], time.perf_counter()
   for name in args.models.split(','):
     if name not in MODELS:
@@ -202,7 +194,7 @@ def main(argv=None):
     rows += bench_model(name, args)
     print(f'[{name} done, {time.perf_counter() - t0:.0f}s]', file=sys.stderr, flush=True)
   print(format_table(rows))
-  save_rows(args.out, run_meta(args, t0), rows)
+  H.save_rows(args.out, H.metadata(args, argv=argv, module='benchmarks.one_pass_cost', t0=t0), rows)
   return rows
 
 

@@ -18,16 +18,12 @@ Run: ``python examples/one_pass_hypergradient.py`` (seconds).
 
 from __future__ import annotations
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import fop_optax  # noqa: E402
 
 
@@ -62,8 +58,8 @@ def oracle(u, w, raw, val_loss, terms):
 
 def hyper_step(tx, params, train_loss, val_loss, steps):
   state = tx.init(params)
-  update = jax.jit(lambda g, s, p: tx.update(g, s, p, train_loss_fn=train_loss,
-                                             val_loss_fn=val_loss))
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=train_loss,
+                                             validation_value_fn=val_loss))
   for _ in range(steps):
     before, w = state, params
     updates, state = update(jax.grad(train_loss)(params), state, params)
@@ -115,7 +111,7 @@ def neumann():
   for terms in (1, 2, 3, 5, 10, 20, 40, 60):
     tx = fop_optax.one_pass_hpo(eta, mu, wd, period=1, neumann_terms=terms)
     _, state = tx.update(jax.grad(train_loss)(w_star), tx.init(w_star), w_star,
-                         train_loss_fn=train_loss, val_loss_fn=val_loss)
+                         value_fn=train_loss, validation_value_fn=val_loss)
     h = state.hypergradient
     err = abs(float(h['weight_decay'] - exact)) / abs(float(exact))
     print(f'   K={terms:3d}: estimate {float(h["weight_decay"]):.6g}  relative error {err:.1e}  '

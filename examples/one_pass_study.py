@@ -46,9 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import common  # noqa: E402
+if __package__:  # imported as examples.one_pass_study (tests, benchmarks)
+  from examples import common
+else:  # run as a script: python3 examples/one_pass_study.py has examples/ on sys.path
+  import common  # noqa: E402
 import fop_optax  # noqa: E402
 
 METHODS = ('fixed', 'hd', 'one_pass', 'one_pass_pp')
@@ -173,8 +174,8 @@ def run_method(method, h, params0, data, kind, args, batches, val_batches, eval_
     grads = jax.grad(loss)(params, xb, yb)
     tx = make_tx(method, hi)
     updates, state = tx.update(grads, state, params,
-                               train_loss_fn=lambda p: loss(p, xb, yb),
-                               val_loss_fn=lambda p: loss(p, xvb, yvb))
+                               value_fn=lambda p: loss(p, xb, yb),
+                               validation_value_fn=lambda p: loss(p, xvb, yvb))
     return optax.apply_updates(params, updates), state
 
   step_all = jax.vmap(step_one, in_axes=(0, state_axes, 0, None, None, None, None),

@@ -66,6 +66,8 @@ import numpy as np
 import optax
 
 from fop_optax import _checks
+from fop_optax import curvature
+from fop_optax.nonfinite import _all_finite as all_finite
 from fop_optax import structures as structures_lib
 
 __all__ = ['HYPERPARAMETERS', 'OnePassHPOState', 'OnePassInjectedState', 'one_pass_hpo',
@@ -113,23 +115,14 @@ class OnePassHPOState(NamedTuple):
 
 # ----------------------------------------------------------------------------- helpers
 
-def _hvp_fn(loss_fn: Callable[[Any], jax.Array], params: Any) -> Callable[[Any], Any]:
-  """``s ↦ H(params)·s`` for the Hessian of ``loss_fn`` (reverse over reverse).
-
-  The gradient is evaluated once and its VJP kept (memory: the backward
-  pass's residuals); since ``H`` is symmetric, ``sᵀH = (H s)ᵀ``. On CPU this
-  measured cheaper than forward-over-reverse through ``jax.linearize``
-  (``benchmarks/one_pass_cost.py`` times both; ``docs/one_pass.md``).
-  """
-  _, vjp = jax.vjp(jax.grad(loss_fn), params)
-  return lambda s: vjp(s)[0]
-
-
-def _all_finite(tree) -> jax.Array:
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.array(True)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+def _renamed_closures(extra_args, name: str = _NAME) -> None:
+  """A clear error for the closures' names before 0.2 (they would be ignored as extra args)."""
+  old = [n for n in ('train_loss_fn', 'val_loss_fn') if n in extra_args]
+  if old:
+    raise TypeError(
+        f'{name}: {" and ".join(old)} were renamed in 0.2 to optax\'s convention: pass '
+        'value_fn= (the training loss on the batch of `grads`) and validation_value_fn= (a '
+        'validation batch loss); see CHANGELOG.md')
 
 
 def _times(h, tree):
@@ -190,13 +183,13 @@ def one_pass_hpo(
 
     updates, state = tx.update(
         grads, state, params,
-        train_loss_fn=lambda p: loss(p, x_batch, y_batch),   # the batch of `grads`
-        val_loss_fn=lambda p: loss(p, x_val, y_val))         # a validation batch
+        value_fn=lambda p: loss(p, x_batch, y_batch),   # the batch of `grads`
+        validation_value_fn=lambda p: loss(p, x_val, y_val))         # a validation batch
     params = optax.apply_updates(params, updates)
 
-  ``train_loss_fn`` must be the loss whose gradient ``grads`` is, *without*
+  ``value_fn`` must be the loss whose gradient ``grads`` is, *without*
   weight decay (it is added here); it gives the Hessian-vector products.
-  ``val_loss_fn`` is called at ``params + updates``. Both are only evaluated
+  ``validation_value_fn`` is called at ``params + updates``. Both are only evaluated
   on the hyper steps (inside ``lax.cond``), but must be given on every call.
 
   Args:
@@ -313,7 +306,7 @@ def one_pass_hpo(
         skipped_hypersteps=jnp.zeros([], jnp.int32),
     )
 
-  def hypergradient(state, params, b_prev, b, updates, train_loss_fn, val_loss_fn):
+  def hypergradient(state, params, b_prev, b, updates, value_fn, validation_value_fn):
     """``dL_V/d raw`` for the learned hyperparameters (the paper's estimate)."""
     hp = state.hyperparams
     eta, mu, wd = hp['learning_rate'], hp['momentum'], hp['weight_decay']
@@ -321,8 +314,8 @@ def one_pass_hpo(
     up = lambda t: jax.tree.map(lambda x: x.astype(cdtype), t)
     down = lambda t, like: jax.tree.map(lambda x, p: x.astype(p.dtype), t, like)
     new_params = optax.apply_updates(params, updates)
-    v = up(jax.grad(val_loss_fn)(new_params))
-    hvp = _hvp_fn(train_loss_fn, params)
+    v = up(jax.grad(validation_value_fn)(new_params))
+    _, hvp = curvature.hvp_fn(value_fn, params, mode='reverse')
 
     def vjp_update(x):  # xᵀ ∂u/∂w = H (η ⊙ x) + ω η ⊙ x
       s = _times(eta, x)
@@ -353,24 +346,24 @@ def one_pass_hpo(
         grads[name] = optax.tree.sum(value).astype(raw.dtype)
     return grads
 
-  def update_fn(updates, state, params=None, *, train_loss_fn=None, val_loss_fn=None,
+  def update_fn(updates, state, params=None, *, value_fn=None, validation_value_fn=None,
                 **extra_args):
-    del extra_args
     if params is None:
       raise TypeError(f'{_NAME}: update needs params (the current weights: the step uses '
                       'them for weight decay and the hypergradient)')
-    missing = [n for n, f in (('train_loss_fn', train_loss_fn), ('val_loss_fn', val_loss_fn))
+    _renamed_closures(extra_args)
+    missing = [n for n, f in (('value_fn', value_fn), ('validation_value_fn', validation_value_fn))
                if f is None]
     if missing:
       raise TypeError(
           f'{_NAME}: update needs the keyword argument(s) {", ".join(missing)}: '
-          'train_loss_fn(params) -> the training loss on the batch of `grads` (for '
-          'Hessian-vector products) and val_loss_fn(params) -> a validation batch loss, '
-          'as in tx.update(grads, state, params, train_loss_fn=..., val_loss_fn=...). '
+          'value_fn(params) -> the training loss on the batch of `grads` (for '
+          'Hessian-vector products) and validation_value_fn(params) -> a validation batch loss, '
+          'as in tx.update(grads, state, params, value_fn=..., validation_value_fn=...). '
           'Wrappers that pass no extra arguments (flax TrainState.apply_gradients) cannot '
           'drive it.')
-    if not (callable(train_loss_fn) and callable(val_loss_fn)):
-      raise TypeError(f'{_NAME}: train_loss_fn and val_loss_fn must be callables params -> loss')
+    if not (callable(value_fn) and callable(validation_value_fn)):
+      raise TypeError(f'{_NAME}: value_fn and validation_value_fn must be callables params -> loss')
     hp = state.hyperparams
     eta, mu, wd = hp['learning_rate'], hp['momentum'], hp['weight_decay']
     cdtype = jax.tree.leaves(eta)[0].dtype
@@ -379,7 +372,7 @@ def one_pass_hpo(
     b_prev = up(state.momentum)
     b = optax.tree.add(_times(mu, b_prev), g)
     new_updates = jax.tree.map(lambda u, p: (-u).astype(p.dtype), _times(eta, b), params)
-    finite = _all_finite(updates) & _all_finite(new_updates)
+    finite = all_finite(updates) & all_finite(new_updates)
     is_hyper = (state.count % period) == (period - 1)
 
     def natural(raw):
@@ -390,14 +383,14 @@ def one_pass_hpo(
       return hyperparams
 
     def hyper_step(_):
-      h = hypergradient(state, params, b_prev, b, new_updates, train_loss_fn, val_loss_fn)
+      h = hypergradient(state, params, b_prev, b, new_updates, value_fn, validation_value_fn)
       steps, hyper_state = hyper_optimizer.update(h, state.hyper_state, state.raw_hyperparams)
       raw = optax.apply_updates(state.raw_hyperparams, steps)
       if 'learning_rate' in raw:
         raw['learning_rate'] = jax.tree.map(lambda a: jnp.clip(a, log_lo, log_hi),
                                             raw['learning_rate'])
       raw = jax.tree.map(lambda new, old: new.astype(old.dtype), raw, state.raw_hyperparams)
-      hyper_ok = _all_finite(h) & _all_finite(raw) & _all_finite(hyper_state)
+      hyper_ok = all_finite(h) & all_finite(raw) & all_finite(hyper_state)
       ok = hyper_ok & finite  # a skipped weight step skips its hyper step too
       keep = lambda new, old: optax.tree.where(ok, new, old)
       h = optax.tree.where(ok, h, optax.tree.where(finite, optax.tree.zeros_like(h),
@@ -504,7 +497,7 @@ def one_pass_hpo_injected(
   ``K − 1`` vector-Jacobian products through the gradient, i.e. Hessian-vector
   products) and with respect to the learned hyperparameters, instead of by the
   closed forms of SGD. One hyper step every ``period`` steps, under
-  ``lax.cond``; ``update`` takes ``train_loss_fn`` and ``val_loss_fn`` as
+  ``lax.cond``; ``update`` takes ``value_fn`` and ``validation_value_fn`` as
   :func:`one_pass_hpo` does.
 
   Example::
@@ -583,30 +576,30 @@ def one_pass_hpo_injected(
         hyper_state=hyper_optimizer.init(raw), hypergradient=optax.tree.zeros_like(raw),
         skipped_steps=jnp.zeros([], jnp.int32), skipped_hypersteps=jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None, *, train_loss_fn=None, val_loss_fn=None,
+  def update_fn(updates, state, params=None, *, value_fn=None, validation_value_fn=None,
                 **extra_args):
-    del extra_args
     if params is None:
       raise TypeError(f'{name}: update needs params (the current weights)')
-    missing = [n for n, f in (('train_loss_fn', train_loss_fn), ('val_loss_fn', val_loss_fn))
+    _renamed_closures(extra_args, name)
+    missing = [n for n, f in (('value_fn', value_fn), ('validation_value_fn', validation_value_fn))
                if f is None]
     if missing:
       raise TypeError(
           f'{name}: update needs the keyword argument(s) {", ".join(missing)}: '
-          'train_loss_fn(params) -> the training loss on the batch of `grads` and '
-          'val_loss_fn(params) -> a validation batch loss')
+          'value_fn(params) -> the training loss on the batch of `grads` and '
+          'validation_value_fn(params) -> a validation batch loss')
     new_updates, new_inner = inner.update(updates, state.inner_state, params)
-    finite = _all_finite(updates) & _all_finite(new_updates)
+    finite = all_finite(updates) & all_finite(new_updates)
     is_hyper = (state.count % period) == (period - 1)
 
     def hyper_step(_):
       def u(w, raw):  # u = w_t − w_{t+1}, the optimizer's state held fixed
-        g = jax.grad(train_loss_fn)(w)
+        g = jax.grad(value_fn)(w)
         step, _ = inner.update(g, with_raw(state.inner_state, raw), w)
         return jax.tree.map(jnp.negative, step)
 
       new_params = optax.apply_updates(params, new_updates)
-      v = jax.tree.map(lambda x, p: x.astype(p.dtype), jax.grad(val_loss_fn)(new_params), params)
+      v = jax.tree.map(lambda x, p: x.astype(p.dtype), jax.grad(validation_value_fn)(new_params), params)
       _, vjp = jax.vjp(u, params, state.raw_hyperparams)
 
       def body(_, carry):
@@ -619,7 +612,7 @@ def one_pass_hpo_injected(
       steps, hyper_state = hyper_optimizer.update(h, state.hyper_state, state.raw_hyperparams)
       raw = optax.apply_updates(state.raw_hyperparams, steps)
       raw = jax.tree.map(lambda a, b: a.astype(b.dtype), raw, state.raw_hyperparams)
-      hyper_ok = _all_finite(h) & _all_finite(raw) & _all_finite(hyper_state)
+      hyper_ok = all_finite(h) & all_finite(raw) & all_finite(hyper_state)
       ok = hyper_ok & finite
       keep = lambda new, old: optax.tree.where(ok, new, old)
       h = optax.tree.where(ok, h, optax.tree.where(finite, optax.tree.zeros_like(h),

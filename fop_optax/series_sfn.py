@@ -206,13 +206,6 @@ def wynn_epsilon(sums: Sequence[Any], dtype=None):
   return current[0]
 
 
-def _all_finite(tree):
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.array(True)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def _require(value_fn):
   if value_fn is None:
     raise ValueError(
@@ -401,7 +394,7 @@ def series_sfn(
     if acceleration_order:
       sums = [jax.tree.map(lambda b, i=i: b[i], buffer) for i in range(window)]
       accelerated = wynn_epsilon(sums, dtype)
-      ok = _all_finite(accelerated)
+      ok = nonfinite._all_finite(accelerated)
       partial_sum = optax.tree.where(ok, accelerated, partial_sum)
     root = jnp.sqrt(eff_scale)
     u = jax.tree.map(lambda x, p: (x / root.astype(x.dtype)).astype(p.dtype), partial_sum, params)

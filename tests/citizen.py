@@ -45,8 +45,8 @@ def _value_fn(loss, params):
 
 def _one_pass(loss, params):
   # the validation batch: the same loss at shifted parameters (another batch's loss)
-  return {'train_loss_fn': loss,
-          'val_loss_fn': lambda p: loss(jax.tree.map(lambda x: x + 0.1, p))}
+  return {'value_fn': loss,
+          'validation_value_fn': lambda p: loss(jax.tree.map(lambda x: x + 0.1, p))}
 
 
 def _learned_apply(w, u):

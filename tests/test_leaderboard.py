@@ -4,7 +4,6 @@
 import inspect
 import math
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
-sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-sys.path.insert(0, os.path.join(ROOT, 'examples'))
+import fop_optax
 
-import fop_optax  # noqa: E402
-
-leaderboard = pytest.importorskip('leaderboard')
+leaderboard = pytest.importorskip('benchmarks.leaderboard')
 
 # Exported callables that are building blocks, not optimisers a user would pick: the
 # transformations behind the aliases (scale_by_*), the guard every alias already wraps, and
@@ -70,7 +65,7 @@ def _two_steps(entry, value):
     loss, grads = jax.value_and_grad(loss_fn)(params)
     extra = {'grad': {},
              'curvature': dict(value=loss, value_fn=loss_fn, model_fn=apply, loss_fn=ce),
-             'hpo': dict(train_loss_fn=loss_fn, val_loss_fn=loss_fn)}[entry.drive]
+             'hpo': dict(value_fn=loss_fn, validation_value_fn=loss_fn)}[entry.drive]
     updates, state = tx.update(grads, state, params, **extra)
     params = optax.apply_updates(params, updates)
     out.append(updates)
@@ -106,7 +101,7 @@ def test_smoke_every_entry(task, tmp_path):
   if task != 'mlp' and not ALL_SMOKE:
     pytest.skip('CNN and PPO smoke: FOP_LEADERBOARD_SMOKE=all (minutes on 2 cores)')
   if task != 'ppo':
-    from common import FASHION_MNIST_DIR
+    from examples.common import FASHION_MNIST_DIR
     if not os.path.isdir(FASHION_MNIST_DIR):
       pytest.skip('Fashion-MNIST not installed')
   else:

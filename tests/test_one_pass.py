@@ -73,8 +73,8 @@ def _oracle_body(u, w, raw, val_loss, terms):
 
 
 def _jit_update(tx, train_loss, val_loss):
-  return jax.jit(lambda g, s, p: tx.update(g, s, p, train_loss_fn=train_loss,
-                                           val_loss_fn=val_loss))
+  return jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=train_loss,
+                                           validation_value_fn=val_loss))
 
 
 def _hyper_step(tx, params, train_loss, val_loss, steps):
@@ -147,8 +147,8 @@ def test_neumann_converges_to_implicit_hypergradient_at_fixed_point(x64):
   errors = []
   for terms in (1, 4, 60):
     tx = fop_optax.one_pass_hpo(eta, mu, wd, period=1, neumann_terms=terms)
-    update = jax.jit(lambda g, s, p: tx.update(g, s, p, train_loss_fn=train_loss,
-                                               val_loss_fn=val_loss))
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=train_loss,
+                                               validation_value_fn=val_loss))
     updates, state = update(jax.grad(train_loss)(w_star), tx.init(w_star), w_star)
     assert float(jnp.max(jnp.abs(updates))) < 1e-14  # a fixed point indeed
     # η and μ do not move the fixed point: their implicit hypergradients are 0.
@@ -197,8 +197,8 @@ def _run(tx, params, train, val, steps, batch=32, hyperparams=lambda s: s.hyperp
                 jax.lax.dynamic_slice_in_dim(yv, k, batch))
     grads = jax.grad(loss)(params, xb, yb)
     updates, state = tx.update(grads, state, params,
-                               train_loss_fn=lambda p: loss(p, xb, yb),
-                               val_loss_fn=lambda p: loss(p, xvb, yvb))
+                               value_fn=lambda p: loss(p, xb, yb),
+                               validation_value_fn=lambda p: loss(p, xvb, yvb))
     return (optax.apply_updates(params, updates), state), hyperparams(state)['learning_rate']
 
   (params, state), rates = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(steps)))(
@@ -288,14 +288,14 @@ def test_missing_closures_and_params_raise_clear_errors():
   params, train_loss, val_loss = _mlp_problem(jnp.float32)
   tx = fop_optax.one_pass_hpo(0.1)
   state, grads = tx.init(params), jax.grad(train_loss)(params)
-  with pytest.raises(TypeError, match='val_loss_fn'):
-    tx.update(grads, state, params, train_loss_fn=train_loss)
-  with pytest.raises(TypeError, match='train_loss_fn, val_loss_fn'):
+  with pytest.raises(TypeError, match='validation_value_fn'):
+    tx.update(grads, state, params, value_fn=train_loss)
+  with pytest.raises(TypeError, match='value_fn, validation_value_fn'):
     tx.update(grads, state, params)
   with pytest.raises(TypeError, match='needs params'):
-    tx.update(grads, state, None, train_loss_fn=train_loss, val_loss_fn=val_loss)
+    tx.update(grads, state, None, value_fn=train_loss, validation_value_fn=val_loss)
   with pytest.raises(TypeError, match='callables'):
-    tx.update(grads, state, params, train_loss_fn=1.0, val_loss_fn=val_loss)
+    tx.update(grads, state, params, value_fn=1.0, validation_value_fn=val_loss)
   with pytest.raises(TypeError, match='floating-point'):
     tx.init({'w': jnp.zeros(3, jnp.int32)})
 
@@ -329,8 +329,8 @@ def _jitted_step(tx, loss):
   def step(params, state, batch, val_batch):
     grads = jax.grad(loss)(params, *batch)
     updates, state = tx.update(grads, state, params,
-                               train_loss_fn=lambda p: loss(p, *batch),
-                               val_loss_fn=lambda p: loss(p, *val_batch))
+                               value_fn=lambda p: loss(p, *batch),
+                               validation_value_fn=lambda p: loss(p, *val_batch))
     return optax.apply_updates(params, updates), state
   return step
 
@@ -354,8 +354,8 @@ def test_jit_does_not_recompile_across_hyper_steps():
   assert int(state.count) == 5
   # Unknown extra arguments are accepted, as GradientTransformationExtraArgs.
   tx.update(jax.grad(_mlp_loss)(params, *batches[0]), state, params, unexpected=1,
-            train_loss_fn=lambda p: _mlp_loss(p, *batches[0]),
-            val_loss_fn=lambda p: _mlp_loss(p, *batches[1]))
+            value_fn=lambda p: _mlp_loss(p, *batches[0]),
+            validation_value_fn=lambda p: _mlp_loss(p, *batches[1]))
 
 
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float32', 'float64'])
@@ -368,7 +368,7 @@ def test_dtypes_kept_and_state_stable(dtype):
     tx = fop_optax.one_pass_hpo(0.1, 0.7, 1e-3, period=1, per_parameter=('learning_rate',))
     state = tx.init(params)
     grads = jax.grad(_mlp_loss)(params, *batch)
-    kw = dict(train_loss_fn=lambda p: _mlp_loss(p, *batch), val_loss_fn=lambda p: _mlp_loss(p, *batch))
+    kw = dict(value_fn=lambda p: _mlp_loss(p, *batch), validation_value_fn=lambda p: _mlp_loss(p, *batch))
     updates, new_state = jax.jit(lambda g, s, p: tx.update(g, s, p, **kw))(grads, state, params)
     for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
       assert u.dtype == p.dtype and u.shape == p.shape
@@ -394,7 +394,7 @@ def test_nonfinite_gradients_skip_the_step_and_nonfinite_hypergradients_the_hype
   state = tx.init(params)
   grads = jax.grad(train_loss)(params)
   bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
-  kw = dict(train_loss_fn=train_loss, val_loss_fn=val_loss)
+  kw = dict(value_fn=train_loss, validation_value_fn=val_loss)
   updates, new_state = jax.jit(lambda g, s, p: tx.update(g, s, p, **kw))(bad, state, params)
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
   test_utils.assert_trees_all_equal(
@@ -402,8 +402,8 @@ def test_nonfinite_gradients_skip_the_step_and_nonfinite_hypergradients_the_hype
   assert int(new_state.skipped_steps) == 1 and int(new_state.count) == 1
   # A validation loss that is NaN: the weight step happens, the hyperparameters stay.
   nan_val = lambda p: val_loss(p) * jnp.nan
-  updates, state = tx.update(grads, new_state, params, train_loss_fn=train_loss,
-                             val_loss_fn=nan_val)  # count 1: the hyper step
+  updates, state = tx.update(grads, new_state, params, value_fn=train_loss,
+                             validation_value_fn=nan_val)  # count 1: the hyper step
   assert int(state.count) == 2 and int(state.skipped_hypersteps) == 1
   assert all(bool(jnp.all(jnp.isfinite(u))) and bool(jnp.any(u != 0))
              for u in jax.tree.leaves(updates))
@@ -419,7 +419,7 @@ def test_vmap_over_initial_hyperparameters_matches_separate_runs():
   states = jax.vmap(lambda lr, mu, wd: make(lr, mu, wd).init(params))(lrs, mus, wds)
   states = states._replace(count=states.count[0])
   axes = jax.tree.map(lambda _: 0, states)._replace(count=None)
-  kw = dict(train_loss_fn=train_loss, val_loss_fn=val_loss)
+  kw = dict(value_fn=train_loss, validation_value_fn=val_loss)
 
   def step(p, s):
     u, s = make(0.1, 0.5, 1e-3).update(jax.grad(train_loss)(p), s, p, **kw)
@@ -456,8 +456,8 @@ def test_flax_nnx_optimizer():
     value, grads = nnx.value_and_grad(mse)(model, x)
     # tx.update sees the parameters as a pure state: rebuild the model from it.
     as_model = lambda p: nnx.merge(graphdef, p, rest)
-    optimizer.update(model, grads, train_loss_fn=lambda p: mse(as_model(p), x),
-                     val_loss_fn=lambda p: mse(as_model(p), xv))
+    optimizer.update(model, grads, value_fn=lambda p: mse(as_model(p), x),
+                     validation_value_fn=lambda p: mse(as_model(p), xv))
     return value
 
   first = float(train_step(model, optimizer))
@@ -517,17 +517,13 @@ def test_injected_errors():
   with pytest.raises(ValueError, match='unknown coordinates'):
     fop_optax.one_pass_hpo_injected(opt, learn={'b1': 'sqrt'})
   tx = fop_optax.one_pass_hpo_injected(opt)
-  with pytest.raises(TypeError, match='val_loss_fn'):
-    tx.update(jax.grad(train_loss)(params), tx.init(params), params, train_loss_fn=train_loss)
+  with pytest.raises(TypeError, match='validation_value_fn'):
+    tx.update(jax.grad(train_loss)(params), tx.init(params), params, value_fn=train_loss)
 
 
 def _one_pass_study():
-  """examples/one_pass_study.py as a module (examples/ is not a package)."""
-  import os
-  import sys
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  'examples'))
-  import one_pass_study  # pylint: disable=import-outside-toplevel
+  """examples/one_pass_study.py as a module (the root is on sys.path: pytest's pythonpath)."""
+  from examples import one_pass_study  # pylint: disable=import-outside-toplevel
   return one_pass_study
 
 
@@ -559,3 +555,13 @@ def test_study_reads_the_hd_learning_rate_from_the_state():
   got = one_pass_study.current_hyperparams('hd', state, h)
   np.testing.assert_allclose(got['learning_rate'], [0.01, 0.02])
   assert got['momentum'] is h['momentum']
+
+
+def test_closures_renamed_in_0_2_raise_a_clear_error():
+  """``train_loss_fn``/``val_loss_fn`` (before 0.2) would be swallowed as extra args: refused."""
+  params = {'w': jnp.ones(3)}
+  loss = lambda p: jnp.sum(p['w'] ** 2)
+  for tx in (fop_optax.one_pass_hpo(0.1), fop_optax.one_pass_hpo_injected(
+      optax.inject_hyperparams(optax.sgd)(0.1))):
+    with pytest.raises(TypeError, match='renamed in 0.2.*value_fn=.*validation_value_fn='):
+      tx.update(params, tx.init(params), params, train_loss_fn=loss, val_loss_fn=loss)
