@@ -108,7 +108,7 @@ def test_alias_finite_steps_and_interrupted_runs_do_not_warn():
 
 
 def test_let_through_warning_under_vmap_warns_once_for_the_member_that_crosses():
-  """Under vmap the cond becomes a select and the callback runs every step: it warns only on the crossing."""
+  """Under vmap (its custom_vmap rule: one scalar predicate, any over the batch) it warns once."""
   tx = fop_optax.skip_nonfinite(optax.sgd(0.1), max_consecutive_errors=3, warn_after=None)
   grads = jnp.stack([jnp.stack([ONE] * 6), jnp.stack([NAN] * 6)])   # member 1: all NaN
 
@@ -126,6 +126,34 @@ def test_let_through_warning_under_vmap_warns_once_for_the_member_that_crosses()
   assert len(caught) == 1 and '(3 skipped in all)' in str(caught[0].message)
   assert bool(jnp.isfinite(params[0]).all()) and bool(jnp.isnan(params[1]).all())
   np.testing.assert_array_equal(state.skipped_steps, [0, 3])
+
+
+def test_vmapped_alias_does_not_call_the_host_on_every_step():
+  """A plain lax.cond with a batched predicate is a select: the host would be called per step.
+
+  Counted with a finite run of 200 vmapped steps: the host function never runs.
+  """
+  calls = []
+  real = fop_optax.nonfinite._announce_let_through
+
+  def counting(*args):
+    calls.append(1)
+    return real(*args)
+  tx = fop_optax.sgd_hd(1e-3)
+
+  def one(a):
+    def body(c, _):
+      p, s = c
+      u, s = tx.update(a * p, s, p)
+      return (optax.apply_updates(p, u), s), None
+    return jax.lax.scan(body, (jnp.ones(2), tx.init(jnp.ones(2))), length=200)[0]
+  fop_optax.nonfinite._announce_let_through = counting
+  try:
+    params, state = jax.jit(jax.vmap(jax.vmap(one)))(jnp.ones((2, 3)))
+    jax.block_until_ready(params)
+  finally:
+    fop_optax.nonfinite._announce_let_through = real
+  assert calls == [] and int(state.skipped_steps.sum()) == 0
 
 
 def test_alias_step_has_no_jax_effect():
