@@ -161,7 +161,7 @@ __all__ = [
     'LowRank', 'default_structure', 'resolve_structures', 'as_structure',
     'leaf_role', 'leaf_names', 'STRUCTURE_NAMES', 'ROLES', 'MAX_SPATIAL_TAPS',
     'FopDimensionNumbers', 'WithDimensions', 'with_dimensions', 'Layout',
-    'normalize_dimensions', 'find_attention_blocks',
+    'normalize_dimensions', 'find_attention_blocks', 'suspect_node',
 ]
 
 Shape = tuple[int, ...]

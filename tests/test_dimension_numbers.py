@@ -19,8 +19,6 @@ import pytest
 import fop_optax
 from fop_optax import structures as S
 
-jax.config.update('jax_enable_x64', False)
-
 Dims = S.FopDimensionNumbers
 
 # (inner structure, leaf shape, dims): rows in the middle, a batch axis.
@@ -111,8 +109,7 @@ def _loss(theta, target):
 @pytest.mark.parametrize('bound', [None, 1.0], ids=['unguarded', 'guard'])
 @pytest.mark.parametrize('name, inner, shape, dims', CASES, ids=[c[0] for c in CASES])
 def test_hypergradient_matches_autodiff(name, inner, shape, dims, bound):
-  jax.config.update('jax_enable_x64', True)
-  try:
+  with jax.enable_x64(True):
     structure = S.WithDimensions(inner, dims).with_bound(bound)
     keys = jax.random.split(jax.random.key(1), 4)
     m = _random_m(structure, shape, keys[0], 0.3).astype(jnp.float64)
@@ -154,8 +151,6 @@ def test_hypergradient_matches_autodiff(name, inner, shape, dims, bound):
       raw = dataclasses.replace(structure, inner=dataclasses.replace(structure.inner, max_scale=None))
       assert float(raw.max_eigenvalue(m)) > 1.05
     np.testing.assert_allclose(got, oracle, rtol=1e-7, atol=1e-9)
-  finally:
-    jax.config.update('jax_enable_x64', False)
 
 
 def test_batch_indices_never_mix():
