@@ -92,7 +92,10 @@ def plot(rows: list[dict], path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  import common  # examples/common.py (this folder is on sys.path)
+  if __package__:  # imported as examples.<name>; as a script, examples/ is on sys.path
+    from examples import common
+  else:
+    import common
   fig, ax = plt.subplots(figsize=(6.5, 4))
   for steps in sorted({r['steps'] for r in rows}):
     rs = sorted((r for r in rows if r['steps'] == steps), key=lambda r: r['budget'])

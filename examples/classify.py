@@ -23,8 +23,10 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+if __package__:  # imported as examples.classify (tests, benchmarks)
+  from examples import common
+else:  # run as a script: python3 examples/classify.py has examples/ on sys.path
+  import common  # noqa: E402
 
 
 def parse_args(argv=None):

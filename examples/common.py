@@ -1,7 +1,8 @@
 """Shared pieces of the classification examples: data, models, optimisers, training loop.
 
 Used by ``examples/demo.py``, ``examples/classify.py`` and ``examples/robustness_grid.py``
-(and importable by other scripts: ``sys.path`` must hold ``examples/``, or run them from there).
+(and importable: ``from examples import common`` from the repository root, as the tests and
+``python3 -m benchmarks.<name>`` do; see ``examples/__init__.py``).
 
 * :func:`load_dataset` -- scikit-learn's digits (in the wheel) or the full Fashion-MNIST read
   from the Debian package's idx files.

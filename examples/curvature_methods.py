@@ -52,7 +52,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fop_optax  # noqa: E402
 
 PROBLEMS = ('rosenbrock', 'regression', 'fashion')
@@ -153,8 +152,11 @@ def load_problem(problem: str, quick: bool):
     sizes = [10] + [12] * 7 + [1]
     return (mlp_apply, mse, lambda seed: mlp_init(jax.random.key(seed), sizes),
             prep(x_tr, y_tr), prep(x_te, y_te))
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from common import load_dataset, subset
+  if __package__:  # imported as examples.<name>; as a script, examples/ is on sys.path
+    from examples import common
+  else:
+    import common
+  load_dataset, subset = common.load_dataset, common.subset
   data = load_dataset('fashion_mnist')
   if quick:
     data = subset(data, 2000, 1000)
@@ -307,7 +309,10 @@ def plot(results, problem, path):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  import common  # examples/common.py (this folder is on sys.path)
+  if __package__:  # imported as examples.<name>; as a script, examples/ is on sys.path
+    from examples import common
+  else:
+    import common
   names = list(dict.fromkeys(r['name'] for r in results))
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   for k, name in enumerate(names):
@@ -361,7 +366,11 @@ def main(argv=None):
             f'acc {r["test_accuracy"]:.4f} {r["ms_per_step"]:.2f} ms/step '
             f'({time.perf_counter() - t0:.1f} s)', flush=True)
   rows, headers = summarize(results, args.problem)
-  from common import print_table, save_json
+  if __package__:  # imported as examples.<name>; as a script, examples/ is on sys.path
+    from examples import common
+  else:
+    import common
+  print_table, save_json = common.print_table, common.save_json
   print(f'\n{args.problem}: median [min, max] over {args.seeds} seeds')
   print_table(rows, headers)
   checks = [c for r in results for c in r['scale_checks']]

@@ -19,8 +19,10 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+if __package__:  # imported as examples.demo (tests, benchmarks)
+  from examples import common
+else:  # run as a script: python3 examples/demo.py has examples/ on sys.path
+  import common  # noqa: E402
 
 RUNS = ('momentum', 'fop')
 

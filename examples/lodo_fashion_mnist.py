@@ -29,9 +29,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import common  # noqa: E402
+if __package__:  # imported as examples.lodo_fashion_mnist (tests, benchmarks)
+  from examples import common
+else:  # run as a script: python3 examples/lodo_fashion_mnist.py has examples/ on sys.path
+  import common  # noqa: E402
 import fop_optax  # noqa: E402
 
 LABELS = {'momentum': 'momentum', 'adam': 'Adam', 'fop': 'FOP + momentum', 'lodo': 'LODO'}

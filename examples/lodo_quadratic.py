@@ -32,7 +32,6 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 
 import jax
@@ -40,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import fop_optax  # noqa: E402
 from fop_optax.lodo import preconditioner_matrix  # noqa: E402
 

@@ -23,7 +23,6 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 
 import jax
@@ -31,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import fop_optax  # noqa: E402
 
 START = (-0.5, 2.0)

@@ -88,8 +88,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+if __package__:  # imported as examples.paper_length (tests, benchmarks)
+  from examples import common
+else:  # run as a script: python3 examples/paper_length.py has examples/ on sys.path
+  import common  # noqa: E402
 
 import fop_optax  # noqa: E402
 
@@ -424,7 +426,10 @@ def learned(out: str, names: Sequence[str] | None = None, data_dir: str | None =
   (``what_fop_learns.pattern``; whitening = positive diagonal and negative 4-neighbour
   entries). Returns a markdown table; ``plot_path`` saves ``P − I`` of seed 0's spatial leaves.
   """
-  import what_fop_learns
+  if __package__:  # imported as examples.<name>; as a script, examples/ is on sys.path
+    from examples import what_fop_learns
+  else:
+    import what_fop_learns
   rows, panels, shapes = [], [], {}
   for rec in _records(out, [n for n in (names or FOP_VARIANTS) if n in FOP_VARIANTS]):
     name, config = rec['optimizer'], rec['config']

@@ -510,7 +510,10 @@ def plot(runs: dict, env_name: str, path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  import common  # examples/common.py (this folder is on sys.path)
+  if __package__:  # imported as examples.<name>; as a script, examples/ is on sys.path
+    from examples import common
+  else:
+    import common
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for name, r in runs.items():
     ret = np.asarray(r['return'], np.float64)

@@ -27,10 +27,10 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import budget_study  # noqa: E402
-import paper_length  # noqa: E402
-import robustness_grid  # noqa: E402
+if __package__:  # imported as examples.robustness_at_length (tests, benchmarks)
+  from examples import budget_study, paper_length, robustness_grid
+else:  # run as a script: python3 examples/robustness_at_length.py has examples/ on sys.path
+  import budget_study, paper_length, robustness_grid  # noqa: E402
 
 NAMES = ('momentum', 'fop')
 

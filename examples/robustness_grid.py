@@ -26,8 +26,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+if __package__:  # imported as examples.robustness_grid (tests, benchmarks)
+  from examples import common
+else:  # run as a script: python3 examples/robustness_grid.py has examples/ on sys.path
+  import common  # noqa: E402
 import fop_optax  # noqa: E402
 
 # The paper trained M with Adam at 5e-4 in its robustness grid (1e-4 on CIFAR-10's main run).

@@ -33,8 +33,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+if __package__:  # imported as examples.stability (tests, benchmarks)
+  from examples import common
+else:  # run as a script: python3 examples/stability.py has examples/ on sys.path
+  import common  # noqa: E402
 
 import fop_optax  # noqa: E402
 

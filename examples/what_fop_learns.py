@@ -41,8 +41,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (examples/common.py: data, models, evaluation)
+# examples/common.py: data, models, evaluation
+if __package__:  # imported as examples.what_fop_learns (tests, benchmarks)
+  from examples import common
+else:  # run as a script: python3 examples/what_fop_learns.py has examples/ on sys.path
+  import common  # noqa: E402
 
 import fop_optax  # noqa: E402
 from fop_optax import diagnostics  # noqa: E402

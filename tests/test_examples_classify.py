@@ -7,19 +7,11 @@ stays within a few tens of seconds of CPU (mostly compilation).
 import gzip
 import json
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'examples'))
-
-import classify  # noqa: E402
-import common  # noqa: E402
-import demo  # noqa: E402
-import robustness_grid  # noqa: E402
+from examples import classify, common, demo, robustness_grid
 
 
 def _write_idx(path, array):

@@ -2,17 +2,12 @@
 
 import importlib
 import json
-import os
-import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'examples'))
-
 
 def test_curvature_methods_rosenbrock_tiny(tmp_path):
-  script = importlib.import_module('curvature_methods')
+  script = importlib.import_module('examples.curvature_methods')
   results = script.main(['rosenbrock', '--optimizers', 'adam_qlr', 'sfn_power',
                          '--seeds', '1', '--steps', '30', '--check-scale', '--out', str(tmp_path),
                          '--json', str(tmp_path / 'curvature_rosenbrock.json')])

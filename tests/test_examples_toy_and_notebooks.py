@@ -7,17 +7,15 @@ mode) so that the file stays well under a minute and a half on two cores.
 import importlib
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'examples'))
 
 
 def test_toy_functions_fop_beats_sgd(tmp_path):
-  toy = importlib.import_module('toy_functions')
+  toy = importlib.import_module('examples.toy_functions')
   summary = toy.main(['--out', str(tmp_path), '--max-iters', '5000'])
   for name in ('booth', 'himmelblau'):
     runs = summary['functions'][name]
@@ -30,7 +28,7 @@ def test_toy_functions_fop_beats_sgd(tmp_path):
 
 
 def test_what_fop_learns_tiny(tmp_path):
-  script = importlib.import_module('what_fop_learns')
+  script = importlib.import_module('examples.what_fop_learns')
   summary = script.main(['--epochs', '2', '--max-train', '320', '--widths', '8', '16',
                          '--snapshots', '2', '--no-progress', '--out', str(tmp_path)])
   for name in ('matrices', 'centre', 'histograms', 'spectra', 'angles'):

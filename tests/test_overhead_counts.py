@@ -1,16 +1,10 @@
 """benchmarks/overhead.py's pass counter, on programs whose passes are known."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import optax
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-
-import overhead  # noqa: E402
+from benchmarks import overhead
 
 SHAPE = (512, 96)   # no other array in these programs has this many elements
 SIZE = SHAPE[0] * SHAPE[1]

@@ -3,23 +3,19 @@
 import json
 import math
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'examples'))
-
 pytest.importorskip('flax')
 pytest.importorskip('orbax.checkpoint')
-import common  # noqa: E402
+from examples import common  # noqa: E402
 
 if not os.path.isdir(common.FASHION_MNIST_DIR):
   pytest.skip('Fashion-MNIST is not installed', allow_module_level=True)
 
-import paper_length  # noqa: E402
+from examples import paper_length  # noqa: E402
 
 import fop_optax  # noqa: E402
 
@@ -204,7 +200,7 @@ def test_resumed_history_gains_the_series_its_run_did_not_log():
 
 
 def test_budget_study_pairs_fop_with_momentum_of_the_same_length(runs, tmp_path):
-  import budget_study
+  from examples import budget_study
   whole = runs['dirs']['whole']
   os.symlink(whole, tmp_path / 'steps40')            # momentum.json
   os.symlink(whole, tmp_path / 'steps40_h0.0001')    # fop.json
@@ -220,7 +216,7 @@ def test_budget_study_pairs_fop_with_momentum_of_the_same_length(runs, tmp_path)
 
 def test_robustness_at_length_reads_each_cell_and_pairs_the_seeds(runs, tmp_path):
   """A cell is a paper_length dir; the gain is FOP − momentum per seed; missing cells are left out."""
-  import robustness_at_length as ral
+  from examples import robustness_at_length as ral
   whole = runs['dirs']['whole']   # lr 0.05, momentum 0.9: paper_length's defaults
   os.symlink(whole, ral.cell_dir(str(tmp_path), 0.05, 0.9))
   rows = ral.main(['--steps', '0', '--lrs', '0.05,0.2', '--momenta', '0.9', '--out', str(tmp_path),
@@ -237,7 +233,7 @@ def test_robustness_at_length_reads_each_cell_and_pairs_the_seeds(runs, tmp_path
 
 
 def test_robustness_at_length_runs_every_cell_with_its_lr_and_momentum(monkeypatch, tmp_path):
-  import robustness_at_length as ral
+  from examples import robustness_at_length as ral
   calls = []
   monkeypatch.setattr(ral.paper_length, 'main', lambda argv: calls.append(argv))
   ral.main(['--steps', '40', '--lrs', '0.1,0.3', '--momenta', '0.5', '--hyper-lr', '1e-3',

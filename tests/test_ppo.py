@@ -4,9 +4,6 @@ Cheap on purpose (one compile, one seed, ~20k env steps); the long multi-seed co
 live in ``examples/ppo.py`` and docs/results_rl.md.
 """
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +12,7 @@ import pytest
 
 pytest.importorskip('gymnax')  # fallback only: the test extra installs gymnax
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, 'examples'))
-import ppo  # noqa: E402
+from examples import ppo  # noqa: E402
 
 import fop_optax  # noqa: E402
 
