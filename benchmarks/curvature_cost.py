@@ -22,26 +22,28 @@ Models (plain JAX): ``mlp50``: 784-50-10 on a batch of 400 (the papers'
 Fashion-MNIST MLP); ``mlp7x12``: 10-(12×7)-1 on 353 examples (the diabetes
 regression, full batch); ``mlp512``: 784-512-512-10 on a batch of 128.
 
-Run: ``python3 benchmarks/curvature_cost.py`` (a few minutes on 2 CPU cores);
-``--quick`` for a smoke run.
+Run from the repository root: ``python3 -m benchmarks.curvature_cost`` (a few minutes on 2 CPU
+cores); ``--quick`` for a smoke run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
+
+if __name__ == '__main__' and not __package__:
+  sys.exit('run it from the repository root as a module: python3 -m benchmarks.curvature_cost')
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import fop_optax  # noqa: E402
+import fop_optax
+from benchmarks import _harness as H
 
 MODELS = {
     # name: (layer sizes, batch, loss)
@@ -134,34 +136,31 @@ def bench(model, reps, inner, names):
   ratios = {name: [] for name in names}
   grad_ms = []
   for rep in range(reps):
-    order = names[rep % len(names):] + names[:rep % len(names)]
-    for name in order:
+    for name in H.round_order(names, rep):
       t_grad = timeit(lambda: grad_loop(params))
       loop, state = loops[name]
       t_step = timeit(lambda: loop(params, state))
-      ratios[name].append(t_step / t_grad)
+      ratios[name].append(t_step / t_grad)   # the ratio within one round
       grad_ms.append(1e3 * t_grad / inner)
   return ratios, statistics.median(grad_ms)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = H.parser(__doc__.split('\n')[0], name='curvature_cost', rounds=7)
+  parser.add_argument('--json', dest='out', default=argparse.SUPPRESS, help='the old name of --out')
   parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
   parser.add_argument('--optimizers', nargs='+', default=list(OPTIMIZERS),
                       choices=list(OPTIMIZERS))
-  parser.add_argument('--reps', type=int, default=7)
   parser.add_argument('--inner', type=int, default=20, help='steps per timed loop')
-  parser.add_argument('--quick', action='store_true')
-  parser.add_argument('--json', default=None)
-  args = parser.parse_args(argv)
-  if args.quick:
-    args.reps, args.inner = 2, 2
+  args = H.apply_quick(parser.parse_args(argv), parser, rounds=2, inner=2)
+  t0 = time.perf_counter()
   print(f'jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; '
-        f'{args.reps} repetitions of {args.inner} steps in a lax.fori_loop', flush=True)
+        f'{args.rounds} repetitions of {args.inner} steps in a lax.fori_loop', flush=True)
   out = {}
   for model in args.models:
-    ratios, grad_ms = bench(model, args.reps, args.inner, args.optimizers)
-    out[model] = {'grad_ms': grad_ms, 'ratios': ratios}
+    ratios, grad_ms = bench(model, args.rounds, args.inner, args.optimizers)
+    out[model] = {'grad_ms': grad_ms, 'ratios': ratios,
+                  'summary': {name: H.spread(rs) for name, rs in ratios.items()}}
     print(f'\n{model} ({MODELS[model][0]}, batch {MODELS[model][1]}): one gradient '
           f'evaluation = {grad_ms:.3f} ms (median)')
     print('| optimiser | step / gradient evaluation, median [min, max] | spec |')
@@ -169,9 +168,9 @@ def main(argv=None):
     for name, rs in ratios.items():
       print(f'| {name} | {statistics.median(rs):.2f} [{min(rs):.2f}, {max(rs):.2f}] | '
             f'{OPTIMIZERS[name][1]} |', flush=True)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(out, f, indent=1)
+  if args.out:
+    H.write_json(args.out, H.metadata(args, argv=argv, module='benchmarks.curvature_cost', t0=t0),
+                 results=out)
   return out
 
 

@@ -5,20 +5,20 @@ parameters; a 3-4-2 MLP with 20 parameters and an indefinite Hessian). Prints th
 to the oracle's max-abs entry for each product, and the relative error of series SFN against exact SFN
 (eigh, |eigenvalues| + λ) as the number of terms grows, with and without ε-acceleration.
 
-Run from the repository root: ``python3 benchmarks/curvature_oracle_errors.py`` (under a minute).
+Run from the repository root: ``python3 -m benchmarks.curvature_oracle_errors`` (under a minute; the
+fixtures come from the ``tests`` folder, imported as ``tests.test_curvature``).
 """
 
-import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'tests'))
-import importlib
+if __name__ == '__main__' and not __package__:
+  sys.exit('run it from the repository root as a module: python3 -m benchmarks.curvature_oracle_errors')
+
 import jax, jax.numpy as jnp, numpy as np, optax
 jax.config.update('jax_enable_x64', True)
 from jax.flatten_util import ravel_pytree
-import test_curvature as T
+from tests import test_curvature as T
+from tests import test_series_sfn as S
 from fop_optax import curvature as C
 params, _, labels, targets, model_fn = T._problem()
 ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels).mean()
@@ -38,7 +38,6 @@ gm = T._dense_ggn(model_fn, params, 2.0 * jnp.eye(targets.size) / targets.size)
 for name, lf in (('MSE named', 'mse'), ('MSE callable', mse)):
   print('ggn_vp', name, rel(ravel_pytree(C.ggn_vp(model_fn, lf, params, v))[0], gm @ fv), 'dGd', rel(C.ggn_quadratic(model_fn, lf, params, d), fd @ gm @ fd))
 # series vs eigh
-S = importlib.import_module('test_series_sfn')
 p2, l2 = S._mlp()
 flat, unravel = ravel_pytree(p2)
 H = np.asarray(jax.hessian(lambda f: l2(unravel(f)))(flat)); gg = np.asarray(ravel_pytree(jax.grad(l2)(p2))[0])

@@ -16,24 +16,28 @@ For sgd_hd (plain and with momentum 0.9) and adam_hd, each rule
 All runs of one (optimiser, rule, problem) share one compiled program: α_0 is
 a traced argument. Usage::
 
-  python3 benchmarks/hd_rules.py                 # everything (about 10 min on 2 cores)
-  python3 benchmarks/hd_rules.py --problems rosenbrock quadratic --rules log
+  python3 -m benchmarks.hd_rules                 # everything (about 10 min on 2 cores)
+  python3 -m benchmarks.hd_rules --problems rosenbrock quadratic --rules log
+  python3 -m benchmarks.hd_rules --quick         # a smoke run: 300 steps, 1 epoch, 1 seed
+
+(from the repository root; the table's rows also go to ``--out``, JSON with metadata).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
+
+if __name__ == '__main__' and not __package__:
+  sys.exit('run it from the repository root as a module: python3 -m benchmarks.hd_rules')
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import fop_optax  # noqa: E402
+import fop_optax
+from benchmarks import _harness as H
 
 ALPHAS = (1e-4, 1e-3, 1e-2)
 RULES = ('additive', 'multiplicative', 'log')
@@ -80,8 +84,8 @@ def toy(problem: str, make, steps: int = 30_000):
 
 def digits(make, epochs: int, seeds=(0, 1, 2), batch_size: int = 32):
   from flax import nnx
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'examples'))
-  import common  # pylint: disable=import-outside-toplevel
+
+  from examples import common  # pylint: disable=import-outside-toplevel
   x_tr, y_tr, x_te, y_te = common.load_dataset('digits')
   n_steps = len(x_tr) // batch_size
   x_tr, y_tr, x_te, y_te = map(jnp.asarray, (x_tr, y_tr, x_te, y_te))
@@ -124,14 +128,17 @@ def digits(make, epochs: int, seeds=(0, 1, 2), batch_size: int = 32):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = H.parser(__doc__.split('\n')[0], name='hd_rules')
   parser.add_argument('--problems', nargs='+', default=['rosenbrock', 'quadratic', 'digits'])
   parser.add_argument('--optimizers', nargs='+', default=list(OPTIMIZERS))
   parser.add_argument('--rules', nargs='+', default=list(RULES))
   parser.add_argument('--beta', type=float, default=None,
                       help='hyper learning rate for all runs (default: each rule\'s default)')
   parser.add_argument('--epochs', type=int, default=10)
-  args = parser.parse_args(argv)
+  parser.add_argument('--steps', type=int, default=30_000, help='rosenbrock / quadratic steps')
+  parser.add_argument('--seeds', type=int, default=3, help='digits: seeds 0 .. N-1')
+  args = H.apply_quick(parser.parse_args(argv), parser, steps=300, epochs=1, seeds=1)
+  t0, rows = time.perf_counter(), []
   print(f'jax {jax.__version__}, optax {optax.__version__}, beta={args.beta or "default"}')
   print('| problem | optimiser | rule | α0=1e-4 | α0=1e-3 | α0=1e-2 | all converge | seconds |')
   print('|---|---|---|---|---|---|---|---|')
@@ -140,7 +147,8 @@ def main(argv=None):
       for rule in args.rules:
         make = lambda a, opt=opt, rule=rule: OPTIMIZERS[opt](a, rule, args.beta)
         start = time.perf_counter()
-        res = digits(make, args.epochs) if problem == 'digits' else toy(problem, make)
+        res = (digits(make, args.epochs, seeds=tuple(range(args.seeds))) if problem == 'digits'
+               else toy(problem, make, steps=args.steps))
         secs = time.perf_counter() - start
         if problem == 'digits':
           cells = [f"{'ok' if r['ok'] else 'FAIL'} acc {min(r['acc']):.3f}-{max(r['acc']):.3f}"
@@ -150,6 +158,10 @@ def main(argv=None):
                    + (f" skip {r['skipped']}" if r['skipped'] else '') for r in res]
         print(f"| {problem} | {opt} | {rule} | {' | '.join(cells)} | "
               f"{'yes' if all(r['ok'] for r in res) else 'no'} | {secs:.0f} |", flush=True)
+        rows.append(dict(problem=problem, optimizer=opt, rule=rule, runs=res, seconds=secs,
+                         all_converge=all(r['ok'] for r in res)))
+  H.save_rows(args.out, H.metadata(args, argv=argv, module='benchmarks.hd_rules', t0=t0), rows)
+  return rows
 
 
 if __name__ == '__main__':

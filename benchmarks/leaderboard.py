@@ -49,13 +49,13 @@ being dropped. No Shampoo/SOAP for JAX installs and runs here (see ``docs/benchm
 that row is always a skip with its reason.
 
 Commands (``--out`` JSON, ``--markdown`` prints the table, ``--plot PNG`` loss/return against
-wall time, ``--from-json`` re-prints a saved run)::
+wall time, ``--from-json`` re-prints a saved run), from the repository root::
 
-  python3 benchmarks/leaderboard.py --smoke                   # every entry, every task, a few steps
-  python3 benchmarks/leaderboard.py --tasks ppo --markdown    # CartPole, sweep, 3 seeds (~45 min)
-  python3 benchmarks/leaderboard.py --tasks mlp --no-sweep --markdown          # ~1.5 h
-  python3 benchmarks/leaderboard.py --markdown --plot results/leaderboard.png  # everything (GPU)
-  python3 benchmarks/leaderboard.py --from-json results/leaderboard.json --markdown > docs/leaderboard.md
+  python3 -m benchmarks.leaderboard --smoke                   # every entry, every task, a few steps
+  python3 -m benchmarks.leaderboard --tasks ppo --markdown    # CartPole, sweep, 3 seeds (~45 min)
+  python3 -m benchmarks.leaderboard --tasks mlp --no-sweep --markdown          # ~1.5 h
+  python3 -m benchmarks.leaderboard --markdown --plot results/leaderboard.png  # everything (GPU)
+  python3 -m benchmarks.leaderboard --from-json results/leaderboard.json --markdown > docs/leaderboard.md
 
 Duration. ``--smoke`` (tiny models, 3 steps, 2 PPO updates) took 48 s (MLP), 115 s (CNN) and
 89 s (PPO) on 2 shared CPU cores at load 3-7: most of it is compiling ~45 programs (LODO's
@@ -89,6 +89,10 @@ give a costly entry fewer seeds.
 from __future__ import annotations
 
 import os
+import sys
+
+if __name__ == '__main__' and not __package__:
+  sys.exit('run it from the repository root as a module: python3 -m benchmarks.leaderboard')
 
 # jaxlib's CPU QR (FOP's low-rank guard) calls OpenBLAS, whose threads stall 10-40x on a busy CPU
 # (docs/troubleshooting.md); set before jax loads it.
@@ -98,9 +102,7 @@ import argparse
 import dataclasses
 import importlib
 import json
-import shlex
 import statistics
-import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -109,14 +111,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
-for _p in (ROOT, os.path.join(ROOT, 'examples'), os.path.join(ROOT, 'benchmarks')):
-  if _p not in sys.path:
-    sys.path.insert(0, _p)
-import fop_optax  # noqa: E402
-from flax import nnx  # noqa: E402
-from common import CNN, MLP, load_dataset, save_figure  # noqa: E402
-from time_to_target import _muon_dims  # noqa: E402  (shared with benchmarks/time_to_target.py)
+import fop_optax
+from benchmarks import _harness as H
+from benchmarks.time_to_target import _muon_dims  # shared with benchmarks/time_to_target.py
+from examples.common import CNN, MLP, load_dataset, save_figure
+from flax import nnx
 
 # ----------------------------------------------------------------------------- peers
 
@@ -451,7 +450,7 @@ def run_classify(task, entry, value, seed, args):
 
 
 def ppo_config(args):
-  import ppo
+  from examples import ppo
   cfg = ppo.ENV_CONFIGS['CartPole-v1']
   if args.smoke:
     cfg = dataclasses.replace(cfg, num_envs=2, num_steps=64, epochs=1, minibatches=2, hidden=8)
@@ -459,7 +458,7 @@ def ppo_config(args):
 
 
 def run_ppo(task, entry, value, seed, args):
-  import ppo
+  from examples import ppo
   cfg = ppo.ENV_CONFIGS['CartPole-v1'] if not args.smoke else ppo_config(args)
   tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), entry.make(value, task))
   init, run = ppo.make_gymnax_trainer('CartPole-v1', tx, cfg)
@@ -816,8 +815,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  command = shlex.join([sys.executable, *(sys.argv if argv is None else
-                                          [os.path.abspath(__file__), *argv])])
   if args.from_json:
     with open(args.from_json) as f:
       saved = json.load(f)
@@ -877,12 +874,12 @@ def main(argv=None):
             f"{' ' + r['error'] if r['error'] else ''}; "
             f"{time.perf_counter() - t_start:.0f}s total]", file=sys.stderr, flush=True)
     loads = [r['loadavg_before'] for r in runs if r['loadavg_before'] is not None]
-    meta = dict(command=command, args={k: v for k, v in vars(args).items()},
-                jax=jax.__version__, optax=optax.__version__, peers=_versions(),
-                load_min=min(loads, default=None), load_max=max(loads, default=None),
-                cpu_count=os.cpu_count(), devices=str(jax.devices()),
-                seconds=time.perf_counter() - t_start, resumed_runs=resumed,
-                from_partial=args.from_partial, missing_runs=missing)
+    # The harness's metadata (command, git commit, versions, platform, ...) and the board's own.
+    meta = H.metadata(args, argv=argv, module='benchmarks.leaderboard', t0=t_start,
+                      peers=_versions(), load_min=min(loads, default=None),
+                      load_max=max(loads, default=None), cpu_count=os.cpu_count(),
+                      devices=str(jax.devices()), resumed_runs=resumed,
+                      from_partial=args.from_partial, missing_runs=missing)
     if args.from_partial:  # the time the runs took, not this call's
       meta['seconds'] = sum(r.get('seconds_with_compile') or 0.0 for r in runs)
     if missing:

@@ -16,24 +16,24 @@ Models (plain JAX, Flax layouts):
 LODO over the whole flattened vector (as the paper) and per leaf (``per_leaf=True``) are both
 timed. "state/params" is the bytes of the optimiser state over the bytes of the parameters.
 
-Run: ``python benchmarks/lodo_overhead.py`` (a few minutes on 2 CPU cores).
+Run from the repository root: ``python3 -m benchmarks.lodo_overhead`` (a few minutes on 2 CPU
+cores); ``--quick`` for a smoke run.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
+
+if __name__ == '__main__' and not __package__:
+  sys.exit('run it from the repository root as a module: python3 -m benchmarks.lodo_overhead')
 
 import jax
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import fop_optax  # noqa: E402
-from overhead import (Case, _conv, _dense, bench_case, fop_chain, mlp, run_meta,  # noqa: E402
-                      save_rows)
+import fop_optax
+from benchmarks import _harness as H
+from benchmarks.overhead import Case, _conv, _dense, bench_case, fop_chain, mlp
 
 LODO_LR = 0.5   # α·EMA = 0.05·trace at β = 0.9: momentum's first steps
 
@@ -87,14 +87,13 @@ def format_table(rows) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = H.parser(__doc__.split('\n')[0], name='lodo_overhead', rounds=7)
   parser.add_argument('--models', default='cnn94k,mlp')
-  parser.add_argument('--reps', type=int, default=7, help='interleaved repetitions')
   parser.add_argument('--inner', type=int, default=2, help='steps per timing')
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--batch', type=int, default=128)
-  parser.add_argument('--out', default=os.path.join('results', 'lodo_overhead.json'))
-  args = parser.parse_args(argv)
+  args = H.apply_quick(parser.parse_args(argv), parser, models='mlp', rounds=2, inner=1,
+                       warmup=1, batch=16)
   wanted = args.models.split(',')
   rows, t0 = [], time.perf_counter()
   for case in cases(args):
@@ -102,10 +101,10 @@ def main(argv=None):
       rows += bench_case(case, args)
       print(f'[{case.name} done, {time.perf_counter() - t0:.0f}s]', file=sys.stderr, flush=True)
   print(format_table(rows))
-  meta = run_meta(args, t0)
+  meta = H.metadata(args, argv=argv, module='benchmarks.lodo_overhead', t0=t0)
   print(f"backend {meta['backend']}, {meta['cpus']} CPUs, load average at the end "
         f"{meta['load_average'][0]:.1f}")
-  save_rows(args.out, meta, rows)
+  H.save_rows(args.out, meta, rows)
   return rows
 
 

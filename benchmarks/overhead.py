@@ -38,26 +38,27 @@ allows on a compute-bound machine: ``1 + F_fop / F_step``, ``F_step`` the
 momentum train step's flops (``cost_analysis``) and ``F_fop`` the flops
 :func:`fop_floor_flops` derives (docs/benchmarks.md, "The floor").
 
-Run: ``python benchmarks/overhead.py`` (about 3–5 minutes on 2 CPU cores).
+Run from the repository root: ``python3 -m benchmarks.overhead`` (about 3–5 minutes on 2 CPU
+cores); ``--quick`` for a smoke run (seconds).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+
+if __name__ == '__main__' and not __package__:
+  sys.exit('run it from the repository root as a module: python3 -m benchmarks.overhead')
 
 # Single-threaded OpenBLAS (before jax/scipy load it; an explicit setting wins): jaxlib's CPU QR
 # runs on SciPy's OpenBLAS, whose threads stall the guard's QR when the cores are busy
 # (docs/troubleshooting.md). Recorded in the results' meta.
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
-import argparse
 import dataclasses
-import json
 import math
-import platform
 import re
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -65,8 +66,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import fop_optax  # noqa: E402
+import fop_optax
+from benchmarks import _harness as H
 
 LR = 0.05
 
@@ -302,18 +303,6 @@ def _make_update(tx):
   return jax.jit(update, donate_argnums=(0, 1))
 
 
-def _interleaved(runners: dict[str, Callable[[], None]], reps: int, inner: int) -> dict[str, list[float]]:
-  """Seconds per call of each runner; the order rotates every repetition."""
-  names, times = list(runners), {n: [] for n in runners}
-  for r in range(reps):
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      t0 = time.perf_counter()
-      for _ in range(inner):
-        runners[name]()
-      times[name].append((time.perf_counter() - t0) / inner)
-  return times
-
-
 def _cost_of(compiled) -> dict[str, float]:
   """XLA's cost analysis of a compiled function: flops and bytes accessed."""
   cost = compiled.cost_analysis()
@@ -437,8 +426,8 @@ def bench_case(case: Case, args) -> list[dict[str, Any]]:
         run()
       runners[name] = run
 
-  step_t = _interleaved(step_runners, args.reps, args.inner)
-  update_t = _interleaved(update_runners, args.reps, args.inner * 4)
+  step_t = H.interleaved(step_runners, args.rounds, args.inner)
+  update_t = H.interleaved(update_runners, args.rounds, args.inner * 4)
 
   rows = []
   param_bytes = _nbytes(params0)
@@ -447,8 +436,8 @@ def bench_case(case: Case, args) -> list[dict[str, Any]]:
     base = None if name in case.bases or name == 'momentum' else case.base_of.get(name, 'momentum')
     ref = base or name
     s, u = step_t[name], update_t[name]
-    step_ratio = [a / b for a, b in zip(s, step_t[ref])]
-    update_ratio = [a / b for a, b in zip(u, update_t[ref])]
+    step_ratio = H.ratios(step_t, ref)[name]      # per round, then summarised
+    update_ratio = H.ratios(update_t, ref)[name]
     floor = None
     if base is not None and name.startswith('fop') and '(full)' not in name and 'r=' not in name:
       floor = 1 + fop_floor_flops(params0) / base_flops
@@ -476,24 +465,6 @@ def rows_params(params) -> int:
   return sum(p.size for p in jax.tree.leaves(params))
 
 
-def run_meta(args, t0: float, **extra) -> dict:
-  """What a benchmark ran on and with: backend, devices, CPUs, OpenBLAS threads, machine,
-  versions, load average at the end, its arguments, seconds since ``t0``, and ``extra``."""
-  return dict(backend=jax.default_backend(), devices=len(jax.devices()), cpus=os.cpu_count(),
-              openblas_num_threads=os.environ.get('OPENBLAS_NUM_THREADS'),
-              machine=platform.machine(), jax=jax.__version__, optax=optax.__version__,
-              load_average=os.getloadavg(), args=vars(args), **extra,
-              seconds=time.perf_counter() - t0)
-
-
-def save_rows(path: str, meta: dict, rows) -> None:
-  """Writes ``{'meta': meta, 'rows': rows}`` to ``path`` (JSON) and says so."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  print(f'saved {path} ({meta["seconds"]:.0f}s)')
-
-
 def format_table(rows) -> str:
   head = (f"{'model':<12}{'optimizer':<16}{'step ms':>9}  {'step ratio [min-max]':<22}"
           f"{'floor':>6}{'update ms':>10}  {'update ratio [min-max]':<24}{'state/params':>12}"
@@ -514,10 +485,9 @@ def format_table(rows) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = H.parser(__doc__.split('\n')[0], name='overhead', rounds=15)
   parser.add_argument('--models', default='cnn,mlp,transformer,' + ','.join(
       [f'dense{a}' for a in DENSE_WIDTHS] + ['mlp256']))
-  parser.add_argument('--reps', type=int, default=15, help='interleaved repetitions (medians over these)')
   parser.add_argument('--inner', type=int, default=2, help='steps per timing')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--cnn-width', type=float, default=0.25,
@@ -525,8 +495,8 @@ def main(argv=None):
   parser.add_argument('--cnn-batch', type=int, default=128)
   parser.add_argument('--tf-batch', type=int, default=16, help='transformer: sequences per batch')
   parser.add_argument('--seq', type=int, default=64)
-  parser.add_argument('--out', default=os.path.join('results', 'overhead.json'))
-  args = parser.parse_args(argv)
+  args = H.apply_quick(parser.parse_args(argv), parser,
+                       models='dense64,mlp256', rounds=2, inner=1, warmup=1)
 
   wanted = args.models.split(',')
   rows, t0 = [], time.perf_counter()
@@ -535,7 +505,7 @@ def main(argv=None):
       rows += bench_case(case, args)
       print(f'[{case.name} done, {time.perf_counter() - t0:.0f}s]', file=sys.stderr, flush=True)
   print(format_table(rows))
-  save_rows(args.out, run_meta(args, t0), rows)
+  H.save_rows(args.out, H.metadata(args, argv=argv, module='benchmarks.overhead', t0=t0), rows)
   return rows
 
 

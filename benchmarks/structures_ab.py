@@ -4,15 +4,14 @@ For each parameter set (the leaves of overhead.py's models) it jit-compiles
 hypergradient + a hyper step + ``P·G`` with both versions of
 ``fop_optax/structures.py``, checks they agree, and times them interleaved.
 
-Run: ``python benchmarks/structures_ab.py --rev af1fe64~1`` (the revision before the einsum rewrite);
-``--rev 6d89c1c --max-scale 1`` times the guard before its Cholesky certificate.
+Run from the repository root: ``python3 -m benchmarks.structures_ab --rev af1fe64~1`` (the revision
+before the einsum rewrite); ``--rev 6d89c1c --max-scale 1`` times the guard before its Cholesky
+certificate; ``--quick`` for a smoke run.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import os
 import statistics
 import subprocess
@@ -20,12 +19,16 @@ import sys
 import tempfile
 import time
 
+if __name__ == '__main__' and not __package__:
+  sys.exit('run it from the repository root as a module: python3 -m benchmarks.structures_ab')
+
 import jax
 import jax.numpy as jnp
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
-sys.path.insert(0, ROOT)
-from fop_optax import structures as after_lib  # noqa: E402
+from benchmarks import _harness as H
+from fop_optax import structures as after_lib
+
+ROOT = H.ROOT
 
 CASES = {
     'mlp low-rank 784x1024 + 1024x1024': [(784, 1024), (1024, 1024)],
@@ -76,13 +79,12 @@ def make(lib, shapes, key, max_scale=None):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = H.parser(__doc__.split('\n')[0], name='structures_ab', rounds=15)
   parser.add_argument('--rev', default='af1fe64~1')
-  parser.add_argument('--reps', type=int, default=15)
   parser.add_argument('--max-scale', type=float, default=None,
                       help="the guard's bound B (default: none, the unguarded maths)")
-  parser.add_argument('--out', default=os.path.join('results', 'structures_ab.json'))
-  args = parser.parse_args(argv)
+  args = H.apply_quick(parser.parse_args(argv), parser, rounds=2)
+  t0 = time.perf_counter()
   libs = {'before': load_revision(args.rev), 'after': after_lib}
   key, fns, rows = jax.random.key(0), {}, []
   for case, shapes in CASES.items():
@@ -92,27 +94,20 @@ def main(argv=None):
     diff = max(float(jnp.max(jnp.abs(x - y)))
                for x, y in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])))
     rows.append(dict(case=case, max_abs_diff=diff))
-  times = {k: [] for k in fns}
-  for rep in range(args.reps):
-    names = list(fns)
-    for k in names[rep % len(names):] + names[:rep % len(names)]:
-      f, a = fns[k]
-      t0 = time.perf_counter()
-      for _ in range(5):
-        jax.block_until_ready(f(*a))
-      times[k].append((time.perf_counter() - t0) / 5 * 1e3)
+  runners = {k: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for k, (f, a) in fns.items()}
+  times = {k: [1e3 * t for t in ts]   # ms per call, one per round
+           for k, ts in H.interleaved(runners, args.rounds, inner=5).items()}
   for row in rows:
     b, a = times[row['case'], 'before'], times[row['case'], 'after']
-    speedup = [x / y for x, y in zip(b, a)]
+    speedup = H.ratios(times, (row['case'], 'after'))[row['case'], 'before']   # per round
     row.update(before_ms=statistics.median(b), after_ms=statistics.median(a),
                speedup=statistics.median(speedup), speedup_min=min(speedup),
                speedup_max=max(speedup))
     print(f"{row['case']:<36} before {row['before_ms']:8.2f} ms  after {row['after_ms']:8.2f} ms  "
           f"x{row['speedup']:.2f} [{row['speedup_min']:.2f}-{row['speedup_max']:.2f}]  "
           f"max |diff| {row['max_abs_diff']:.1e}")
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(dict(rev=args.rev, max_scale=args.max_scale, rows=rows), f, indent=1)
+  H.write_json(args.out, H.metadata(args, argv=argv, module='benchmarks.structures_ab', t0=t0),
+               rev=args.rev, max_scale=args.max_scale, rows=rows)
   return rows
 
 

@@ -19,31 +19,29 @@ from PyPI: ``optax.contrib.muon`` (lr 0.02, Adam 1e-3 for biases; conv kernels o
 over (kh·kw·in)×out), psgd-jax ``kron`` (lr 1e-3). A Shampoo/SOAP optimiser that installs
 and runs on this JAX was not found (see docs/benchmarks.md).
 
-Run: ``python benchmarks/time_to_target.py``. Defaults (sized for 2 shared CPU cores, ~10-20 min):
+Run from the repository root: ``python3 -m benchmarks.time_to_target`` (``--quick``: a smoke run). Defaults (sized for 2 shared CPU cores, ~10-20 min):
 the first 6,400 training images, 2 epochs (100 steps of 128), 2 seeds, both models, accuracy
 checked every 10 steps on 2,000 test images; ``--train-subset 0 --epochs 5 --seeds 5`` for more.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import sys
 import time
+
+if __name__ == '__main__' and not __package__:
+  sys.exit('run it from the repository root as a module: python3 -m benchmarks.time_to_target')
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'examples'))
-import fop_optax  # noqa: E402
-from flax import nnx  # noqa: E402
-from common import load_dataset, make_model  # noqa: E402
+import fop_optax
+from benchmarks import _harness as H
+from examples.common import load_dataset, make_model
+from flax import nnx
 
 PEER_ERRORS: dict[str, str] = {}
 
@@ -200,7 +198,7 @@ def format_table(summary, args) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = H.parser(__doc__.split('\n')[0], name='time_to_target')
   parser.add_argument('--models', default='mlp,cnn')
   parser.add_argument('--optimizers', default=','.join(OPTIMIZERS))
   parser.add_argument('--seeds', type=int, default=2)
@@ -214,8 +212,8 @@ def main(argv=None):
   parser.add_argument('--train-subset', type=int, default=6400,
                       help='first N training images (0: all 60,000); the default fits 2 CPU cores')
   parser.add_argument('--data-dir', default=None)
-  parser.add_argument('--out', default=os.path.join('results', 'time_to_target.json'))
-  args = parser.parse_args(argv)
+  args = H.apply_quick(parser.parse_args(argv), parser, models='mlp', optimizers='momentum,fop',
+                       seeds=1, epochs=1, train_subset=512, test_subset=200, eval_every=2)
   args.acc_target = {'mlp': args.acc_target_mlp, 'cnn': args.acc_target_cnn}
 
   data = load_dataset('fashion_mnist', args.data_dir)
@@ -232,15 +230,13 @@ def main(argv=None):
                 f"loss@{r['loss_step']}, final {r['final_test_acc']:.4f}; "
                 f"{time.perf_counter() - t0:.0f}s total]", file=sys.stderr, flush=True)
   summary = summarize(runs)
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out, 'w') as f:   # before printing: a long run's data is never lost
-    json.dump(dict(args={k: v for k, v in vars(args).items()}, summary=summary, runs=runs,
-                   peer_errors=PEER_ERRORS, jax=jax.__version__, optax=optax.__version__,
-                   seconds=time.perf_counter() - t0), f, indent=1)
+  # Written before the table is printed: a long run's data is never lost.
+  meta = H.metadata(args, argv=argv, module='benchmarks.time_to_target', t0=t0)
+  H.write_json(args.out, meta, announce=False, summary=summary, runs=runs, peer_errors=PEER_ERRORS)
   print(format_table(summary, args))
   for name, err in PEER_ERRORS.items():
     print(f'{name}: not run ({err})')
-  print(f'saved {args.out} ({time.perf_counter() - t0:.0f}s)')
+  print(H.saved_line(args.out, meta))
   return summary
 
 

@@ -24,28 +24,29 @@ their inputs (all at ``d = 128 > max_full_dim``).
 (every rank ≥ 3 leaf read as a conv kernel: a dense 128×128 ``P`` per
 attention kernel, a low-rank one over the 1000-row embedding table).
 
-Run: ``python benchmarks/transformer_overhead.py`` (about 1–2 minutes on 2 CPU cores).
+Run from the repository root: ``python3 -m benchmarks.transformer_overhead`` (about 1–2 minutes
+on 2 CPU cores); ``--quick`` for a smoke run.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
 import time
+
+if __name__ == '__main__' and not __package__:
+  sys.exit('run it from the repository root as a module: python3 -m benchmarks.transformer_overhead')
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import fop_optax  # noqa: E402
-from fop_optax import structures as S  # noqa: E402
-# The timing machinery (donated update step, interleaved repetitions, state bytes) is overhead.py's.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import _interleaved, _make_update, _nbytes, run_meta, save_rows  # noqa: E402
+import fop_optax
+from benchmarks import _harness as H
+# The donated update step and the state bytes are overhead.py's; the interleaved rounds the harness's.
+from benchmarks.overhead import _make_update, _nbytes
+from fop_optax import structures as S
 
 LR = 0.05
 TARGET = 1.15
@@ -100,20 +101,19 @@ def structure_summary(params) -> dict[str, str]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = H.parser(__doc__.split('\n')[0], name='transformer_overhead', rounds=15)
   parser.add_argument('--vocab', type=int, default=1000)
   parser.add_argument('--d-model', type=int, default=128)
   parser.add_argument('--heads', type=int, default=4)
   parser.add_argument('--hidden', type=int, default=512)
   parser.add_argument('--seq', type=int, default=64)
   parser.add_argument('--batch', type=int, default=32)
-  parser.add_argument('--reps', type=int, default=15, help='interleaved repetitions (medians over these)')
   parser.add_argument('--inner', type=int, default=5, help='steps per timing')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--no-old-rule', action='store_true',
                       help='skip the "fop (old rule)" row (the pre-issue-10 shape-only rule)')
-  parser.add_argument('--out', default=os.path.join('results', 'transformer_overhead.json'))
-  args = parser.parse_args(argv)
+  args = H.apply_quick(parser.parse_args(argv), parser, vocab=100, d_model=32, hidden=64, seq=8,
+                       batch=4, rounds=2, inner=1, warmup=1)
   t_start = time.perf_counter()
 
   model = Block(args.vocab, args.d_model, args.heads, args.hidden, nnx.Rngs(0))
@@ -142,14 +142,14 @@ def main(argv=None):
         run()
       runners[name] = run
 
-  step_t = _interleaved(step_runners, args.reps, args.inner)
-  update_t = _interleaved(update_runners, args.reps, args.inner * 4)
+  step_t = H.interleaved(step_runners, args.rounds, args.inner)
+  update_t = H.interleaved(update_runners, args.rounds, args.inner * 4)
+  step_r, update_r = H.ratios(step_t, 'momentum'), H.ratios(update_t, 'momentum')  # per round
 
   rows = []
   for name in txs:
     s, u = step_t[name], update_t[name]
-    sr = [a / b for a, b in zip(s, step_t['momentum'])]
-    ur = [a / b for a, b in zip(u, update_t['momentum'])]
+    sr, ur = step_r[name], update_r[name]
     rows.append(dict(
         optimizer=name, step_ms=1e3 * statistics.median(s),
         step_ratio=statistics.median(sr), step_ratio_min=min(sr), step_ratio_max=max(sr),
@@ -169,8 +169,9 @@ def main(argv=None):
           + f"{r['update_ratio']:.2f} [{r['update_ratio_min']:.2f}-{r['update_ratio_max']:.2f}]".ljust(24)
           + f"{r['state_over_params']:>12.3f}  {met}")
 
-  save_rows(args.out, run_meta(args, t_start, params=sum(p.size for p in jax.tree.leaves(params0)),
-                               structures=structure_summary(params0)), rows)
+  H.save_rows(args.out, H.metadata(args, argv=argv, module='benchmarks.transformer_overhead',
+                                   t0=t_start, params=sum(p.size for p in jax.tree.leaves(params0)),
+                                   structures=structure_summary(params0)), rows)
   return rows
 
 

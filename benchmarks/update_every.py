@@ -3,21 +3,21 @@
 ``scale_by_fop(update_every=k)`` chooses by ``lax.cond`` inside the jitted step: on the other steps it
 applies ``P·G`` with the current ``M`` and stores ``G``. 'precondition only' never takes a hyper step
 (``k`` larger than the run): the floor any ``update_every`` can reach.
-Timing via benchmarks/overhead.py's bench_case (interleaved reps, ratios to momentum per rep).
-Run: ``python benchmarks/update_every.py --reps 30`` (about a minute on 2 CPU cores).
+Timing via benchmarks/overhead.py's bench_case (interleaved rounds, ratios to momentum per round).
+Run from the repository root: ``python3 -m benchmarks.update_every --reps 30`` (about a minute on 2
+CPU cores); ``--quick`` for a smoke run.
 """
-import argparse
-import json
-import os
 import sys
+import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, '..'))
-import optax  # noqa: E402
+if __name__ == '__main__' and not __package__:
+  sys.exit('run it from the repository root as a module: python3 -m benchmarks.update_every')
 
-import fop_optax  # noqa: E402
-import overhead as ov  # noqa: E402
+import optax
+
+import fop_optax
+from benchmarks import _harness as H
+from benchmarks import overhead as ov
 
 NEVER = 2 ** 30
 
@@ -27,14 +27,13 @@ def chain(k):
                              optax.sgd(ov.LR, momentum=0.9))
 
 
-if __name__ == '__main__':
-  p = argparse.ArgumentParser()
+def main(argv=None):
+  p = H.parser(__doc__.split('\n')[0], name='update_every', rounds=15)
   p.add_argument('--models', default='mlp')
-  p.add_argument('--reps', type=int, default=15)
   p.add_argument('--inner', type=int, default=4)
   p.add_argument('--warmup', type=int, default=3)
-  args = p.parse_args()
-  rows = []
+  args = H.apply_quick(p.parse_args(argv), p, models='mlp256', rounds=2, inner=1, warmup=1)
+  rows, t0 = [], time.perf_counter()
   for name in args.models.split(','):
     model = {'mlp': ov.mlp(), 'mlp256': ov.mlp((784, 256, 256, 10)), 'transformer': ov.transformer()}[name]
     batch = {'mlp': 128, 'mlp256': 128, 'transformer': 16}[name]
@@ -49,6 +48,9 @@ if __name__ == '__main__':
               f"[{r['step_ratio_min']:.3f}-{r['step_ratio_max']:.3f}]  update {r['update_ms']:.3f} ms "
               f"ratio {r['update_ratio']:.2f} [{r['update_ratio_min']:.2f}-{r['update_ratio_max']:.2f}]",
               flush=True)
-  os.makedirs('results', exist_ok=True)
-  with open(os.path.join('results', 'update_every.json'), 'w') as f:
-    json.dump(rows, f, indent=1)
+  H.save_rows(args.out, H.metadata(args, argv=argv, module='benchmarks.update_every', t0=t0), rows)
+  return rows
+
+
+if __name__ == '__main__':
+  main()
