@@ -113,7 +113,8 @@ conv) is not one. Why these choices:
   preconditions the same side it preconditions for ``nnx.Linear``.
 
 * A rank ≥ 3 leaf under an *attention-like* node (a path element ``attn``,
-  ``attention``, or ending in ``attn``, ``attention`` or ``einsum``) or a
+  ``attention``, or ending in ``attn``, ``attention`` or ``einsum``; the leaf's
+  own name counts, e.g. Gemma's ``gating_einsum``) or a
   *stacked-layers* node (an element ``layers``, ``scan``, ``stack`` or ``blocks``
   with no integer index after it: ``layers/0/...`` is a list of separate
   layers, ``layers/...`` one stacked by ``nnx.scan``), other than the
@@ -1306,17 +1307,20 @@ def _attention_blocks(all_names: Sequence[tuple[str, ...]]) -> set[tuple[str, ..
 def suspect_node(names: Sequence[str]) -> str | None:
   """The path element that makes a leaf's leading axes ambiguous, or ``None``.
 
-  An attention-like node (an element ``attn``/``attention`` or ending in
-  ``attn``, ``attention`` or ``einsum``, e.g. ``self_attn``, ``q_einsum``) or a
-  stacked-layers node (an element ``layers``, ``scan``, ``stack`` or ``blocks``
-  with no integer index after it in the path) above the leaf.
+  An attention-like element (``attn``/``attention`` or a name ending in
+  ``attn``, ``attention`` or ``einsum``, e.g. ``self_attn``, ``q_einsum``,
+  also the leaf's own name, e.g. Gemma's stacked ``gating_einsum``
+  ``(2, features, hidden)``) or a stacked-layers node above the leaf (an
+  element ``layers``, ``scan``, ``stack`` or ``blocks`` with no integer index
+  after it in the path).
   """
-  parents = tuple(names)[:-1]
-  for i, element in enumerate(parents):
-    low = element.lower()
-    if low.endswith(_ATTENTION_LIKE_SUFFIXES):
+  names = tuple(names)
+  for element in names:
+    if element.lower().endswith(_ATTENTION_LIKE_SUFFIXES):
       return element
-    if low in _STACK_NAMES and not any(p.isdigit() for p in parents[i + 1:]):
+  parents = names[:-1]
+  for i, element in enumerate(parents):
+    if element.lower() in _STACK_NAMES and not any(p.isdigit() for p in parents[i + 1:]):
       return element
   return None
 

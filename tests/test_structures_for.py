@@ -247,3 +247,32 @@ def test_describe(capsys):
   assert by['conv/kernel'].rows == (0, 1) and by['conv/kernel'].matrix == (9, 9)
   assert by['dense/kernel'].floats == 2 * 64 * 8 and by['dense2/bias'].role == 'norm_or_bias'
   assert str(by['conv/kernel']).startswith('conv/kernel: (3, 3, 4, 8) other')
+
+
+class GemmaEinsum(nnx.Module):
+  """The einsum layer of Flax's Gemma example: ``einsum_str`` attribute, one Param ``w``."""
+
+  def __init__(self, einsum_str, shape, *, rngs):
+    self.einsum_str = einsum_str
+    self.w = nnx.Param(jax.random.normal(rngs.params(), shape))
+
+
+class GemmaLike(nnx.Module):
+  def __init__(self, rngs):
+    self.attn = nnx.Dict(
+        qkv_einsum=GemmaEinsum('BTD,SNDH->SBTNH', (3, N, D, H), rngs=rngs),
+        attn_vec_einsum=GemmaEinsum('BTNH,NHD->BTD', (N, H, D), rngs=rngs))
+    # Gemma's feed-forward keeps its stacked (gate, up) kernel as a plain Param.
+    self.mlp = nnx.Dict(gating_einsum=nnx.Param(jnp.zeros((2, D, 16))))
+
+
+def test_gemma_example_lookalikes():
+  model = GemmaLike(nnx.Rngs(0))
+  got = _by_name(fop_optax.structures_for(model))
+  assert got['attn/qkv_einsum/w'] == S.WithDimensions(S.Full(), Dims((2,), (0,)))   # Q, K, V apart
+  assert got['attn/attn_vec_einsum/w'] == S.Full(row_axes=2)
+  assert got['mlp/gating_einsum'] == 'auto'   # no layer to read: the default rule ...
+  params = nnx.state(model, nnx.Param)
+  with pytest.warns(UserWarning, match='mlp/gating_einsum'):
+    resolved = _by_name(fop_optax.resolve_structures(params, fop_optax.structures_for(model)))
+  assert resolved['mlp/gating_einsum'] == S.NoPreconditioner()   # ... never mixes gate and up
