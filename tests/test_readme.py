@@ -34,3 +34,20 @@ def test_files_the_readme_names_exist():
   assert len(named) >= 8
   missing = sorted(n for n in named if not (ROOT / n).is_file())
   assert not missing, missing
+
+
+DOCS = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
+
+
+def test_benchmark_commands_run_modules_that_exist():
+  """Benchmarks run as ``python3 -m benchmarks.<name>`` from the root (they import ``examples``
+  and one another as packages); a ``python3 benchmarks/<name>.py`` command would stop at once."""
+  as_script, named = [], set()
+  for doc in DOCS:
+    text = doc.read_text()
+    as_script += [f'{doc.name}: {m}' for m in re.findall(r'python3? benchmarks/\w+\.py', text)]
+    named |= set(re.findall(r'-m benchmarks\.(\w+)', text))
+  assert not as_script, as_script
+  assert 'overhead' in named and 'leaderboard' in named
+  missing = sorted(n for n in named if not (ROOT / 'benchmarks' / f'{n}.py').is_file())
+  assert not missing, missing
