@@ -117,9 +117,16 @@ def scale_by_qlr(
   Terminal: it emits the final update ``α·d`` (add it to the parameters), so
   it must be last in a chain.
 
-  ``update(grads, state, params, *, value=None, value_fn, model_fn=None,
-  loss_fn=None)``:
+  ``update(updates, state, params, *, value=None, grad=None, value_fn,
+  model_fn=None, loss_fn=None)`` (optax's names, as
+  ``optax.scale_by_zoom_linesearch``):
 
+  * ``updates``: what ``direction`` is applied to (the gradient, or whatever a
+    chain before this made of it: clipped, decayed).
+  * ``grad``: the gradient ``g`` of ``value_fn`` at ``params``, the model's
+    linear term ``gᵀd``; computed with ``value_fn`` (one more backward pass)
+    when not given. It is never read from ``updates``, so a clip or weight
+    decay chained before changes the direction, not the model.
   * ``value_fn(params) -> scalar``: the loss on the batch ``grads`` came
     from (same dropout key); it measures ``f'`` for the damping, and is the
     Hessian in ``curvature='hessian'``.
@@ -189,8 +196,8 @@ def scale_by_qlr(
         direction_state=direction.init(params),
     )
 
-  def update_fn(updates, state, params=None, *, value=None, value_fn=None, model_fn=None,
-                loss_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, *, value=None, grad=None, value_fn=None,
+                model_fn=None, loss_fn=None, **extra_args):
     if params is None:
       raise ValueError(f'{where}: update() needs params (the step size is measured at them)')
     _require('value_fn', value_fn, 'the loss on the same batch, for the damping ratio ρ')
@@ -198,9 +205,14 @@ def scale_by_qlr(
       _require('model_fn', model_fn, "curvature='ggn': the model's outputs on the batch")
       _require('loss_fn', loss_fn, "curvature='ggn': the loss of the outputs, or "
                "'softmax_cross_entropy' / 'mse' / 'l2'")
-    grads = updates
     dtype = curvature_lib.scalar_dtype(params)
-    d, direction_state = direction.update(grads, state.direction_state, params, **extra_args)
+    d, direction_state = direction.update(updates, state.direction_state, params, **extra_args)
+    if grad is None:
+      value_and_grad = jax.value_and_grad(value_fn)(params)
+      value = value_and_grad[0] if value is None else value
+      grads = value_and_grad[1]
+    else:
+      grads = grad
     if value is None:
       value = value_fn(params)
     value = jnp.asarray(value).astype(dtype)
@@ -276,8 +288,8 @@ def adam_qlr(
       loss_fn = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
       value_fn = lambda p: loss_fn(model_fn(p))
       value, grads = jax.value_and_grad(value_fn)(params)
-      updates, state = tx.update(grads, state, params, value=value, value_fn=value_fn,
-                                 model_fn=model_fn, loss_fn=loss_fn)
+      updates, state = tx.update(grads, state, params, value=value, grad=grads,
+                                 value_fn=value_fn, model_fn=model_fn, loss_fn=loss_fn)
       return optax.apply_updates(params, updates), state
   """
   tx = scale_by_qlr(

@@ -236,11 +236,16 @@ def series_sfn(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Series saddle-free Newton (Oldewage et al., "OursAdaptive" by default).
 
-  Terminal: it emits the final update ``−Δ``. ``update(grads, state, params,
-  *, value=None, value_fn)``: ``value_fn(params) -> scalar`` is the loss on
-  the batch ``grads`` came from (its HVPs make the series); ``value`` is
-  ``f(params)``, computed with ``value_fn`` when not given and the damping
-  adapts.
+  Terminal: it emits the final update ``−Δ``. ``update(updates, state, params,
+  *, value=None, grad=None, value_fn)`` (optax's names): ``value_fn(params) ->
+  scalar`` is the loss on the batch the gradient came from (its HVPs make the
+  series); ``value`` is ``f(params)``, computed with ``value_fn`` when not
+  given and the damping adapts; ``grad`` is ``∇f(params)``, the model's linear
+  term (``uᵀ∇f``, ``Δᵀ∇f``), taken from the linearisation the HVPs already
+  make when not given. The series is applied to ``updates`` (the gradient, or
+  what a chain before this made of it), whose products also stand in for the
+  curvature terms (``uᵀHu ≈ uᵀ·updates``); with ``updates`` the plain
+  gradient both readings agree.
 
   Args:
     num_terms: ``K``, terms of the series (``2(K − 1)`` HVPs per step).
@@ -312,7 +317,8 @@ def series_sfn(
         power_vector=optax.tree.zeros_like(params) if scale == 'power_iteration' else None,
     )
 
-  def update_fn(updates, state, params=None, *, value=None, value_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, *, value=None, grad=None, value_fn=None,
+                **extra_args):
     del extra_args
     if params is None:
       raise ValueError(f'{where}: update() needs params (the Hessian is taken at them)')
@@ -320,7 +326,9 @@ def series_sfn(
     g = updates
     dtype = curvature_lib.scalar_dtype(params)
     vdot = lambda a, b: curvature_lib.tree_vdot(a, b, dtype)
-    _, hvp = curvature_lib.hvp_fn(value_fn, params)
+    gradient, hvp = curvature_lib.hvp_fn(value_fn, params)
+    if grad is not None:
+      gradient = grad
 
     def h2(v):
       return hvp(hvp(v))
@@ -400,16 +408,20 @@ def series_sfn(
     u = jax.tree.map(lambda x, p: (x / root.astype(x.dtype)).astype(p.dtype), partial_sum, params)
 
     delta = state.last_update
+    # The quadratic model in (α, μ): curvature terms from the series' input
+    # (uᵀHu ≈ uᵀg, ΔᵀHu ≈ Δᵀg, ΔᵀHΔ ≈ Δᵀb), linear terms from the gradient.
     ug = vdot(u, g)
     dg = vdot(delta, g)
     db = vdot(delta, state.curvature_buffer)
+    u_grad = vdot(u, gradient)
+    d_grad = vdot(delta, gradient)
     if adaptive:
       db_solve = jnp.where(db == 0, 1, db)
       det = ug * db_solve - dg * dg
       ok = (det != 0) & jnp.isfinite(det)
       safe = jnp.where(ok, det, 1)
-      alpha = jnp.where(ok, (ug * db_solve - dg * dg) / safe, 1)
-      mu = jnp.where(ok, (ug * dg - dg * ug) / safe, 0)
+      alpha = jnp.where(ok, (u_grad * db_solve - dg * d_grad) / safe, 1)
+      mu = jnp.where(ok, (ug * d_grad - dg * u_grad) / safe, 0)
     else:
       db_solve = db
       alpha = jnp.asarray(learning_rate, dtype)
@@ -430,7 +442,7 @@ def series_sfn(
       value = jnp.asarray(value).astype(dtype)
       new_value = jnp.asarray(value_fn(optax.apply_updates(params, new_updates))).astype(dtype)
       predicted = (0.5 * (alpha * alpha * ug + 2 * alpha * mu * dg + mu * mu * db_solve)
-                   - alpha * ug - mu * dg)
+                   - alpha * u_grad - mu * d_grad)
       rho, new_damping = _damping.levenberg_marquardt(
           damping, new_value - value, predicted, decrease=damping_factor,
           increase=1 / damping_factor, min_damping=min_damping)

@@ -291,3 +291,26 @@ def test_named_l2_matches_optax_l2_loss_and_mse_would_halve_the_step(x64):
   callable_alpha = step_size(loss_fn)
   np.testing.assert_allclose(step_size('l2'), callable_alpha, rtol=1e-12)
   np.testing.assert_allclose(step_size('mse'), 0.5 * callable_alpha, rtol=1e-12)
+
+
+@pytest.mark.parametrize('method', ['qlr', 'series_sfn'])
+def test_model_reads_the_gradient_not_the_chained_updates(method):
+  """A clip chained before changes the direction, never the model's gᵀd (optax's ``grad=``)."""
+  params = {'w': jnp.array([1.0, -2.0, 0.5]), 'v': jnp.array([[0.3, -0.1], [0.2, 0.4]])}
+  value_fn = lambda p: (jnp.sum(jnp.array([1.0, 3.0, 10.0]) * p['w'] ** 2)
+                        + jnp.sum(jnp.cosh(p['v'])))
+  make = {'qlr': lambda: fop_optax.scale_by_qlr(optax.identity(), curvature='hessian'),
+          'series_sfn': lambda: fop_optax.series_sfn(num_terms=4)}[method]
+  tx = optax.chain(optax.clip_by_global_norm(0.5), make())
+  value, grads = jax.value_and_grad(value_fn)(params)
+  state = tx.init(params)
+  implicit, s1 = tx.update(grads, state, params, value=value, value_fn=value_fn)
+  explicit, s2 = tx.update(grads, state, params, value=value, grad=grads, value_fn=value_fn)
+  for a, b in zip(jax.tree.leaves((implicit, s1)), jax.tree.leaves((explicit, s2))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # the pre-0.2 reading (the clipped updates as the gradient) is a different model
+  clipped, _ = optax.clip_by_global_norm(0.5).update(grads, optax.EmptyState())
+  old, _ = tx.update(grads, state, params, value=value, grad=clipped, value_fn=value_fn)
+  gap = max(float(jnp.abs(a - b).max()) for a, b in
+            zip(jax.tree.leaves(old), jax.tree.leaves(explicit)))
+  assert gap > 1e-3
