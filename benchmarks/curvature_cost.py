@@ -95,8 +95,8 @@ def make_loop(tx, apply, loss, x, y, n):
   def body(_, carry):
     params, state, _ = carry
     value, grads = jax.value_and_grad(value_fn)(params)
-    updates, state = tx.update(grads, state, params, value=value, value_fn=value_fn,
-                               model_fn=model_fn, loss_fn=loss_fn)
+    updates, state = tx.update(grads, state, params, value=value, grad=grads,
+                               value_fn=value_fn, model_fn=model_fn, loss_fn=loss_fn)
     return optax.apply_updates(params, updates), state, value
 
   @jax.jit

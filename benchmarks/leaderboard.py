@@ -404,7 +404,7 @@ def run_classify(task, entry, value, seed, args):
     def step(p, s, x, y, xv, yv):
       loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
       if entry.drive == 'curvature':
-        extra = dict(value=loss, value_fn=lambda q: loss_fn(q, x, y),
+        extra = dict(value=loss, grad=grads, value_fn=lambda q: loss_fn(q, x, y),
                      model_fn=lambda q: apply(q, x), loss_fn=lambda z: ce(z, y))
       elif entry.drive == 'hpo':
         extra = dict(value_fn=lambda q: loss_fn(q, x, y),

@@ -175,8 +175,8 @@ def make_step(tx, apply, loss):
     loss_fn = lambda z: loss(z, y)
     value_fn = lambda p: loss_fn(model_fn(p))
     value, grads = jax.value_and_grad(value_fn)(params)
-    updates, state = tx.update(grads, state, params, value=value, value_fn=value_fn,
-                               model_fn=model_fn, loss_fn=loss_fn)
+    updates, state = tx.update(grads, state, params, value=value, grad=grads,
+                               value_fn=value_fn, model_fn=model_fn, loss_fn=loss_fn)
     return optax.apply_updates(params, updates), state, value
   return step
 

@@ -40,7 +40,7 @@ class Entry:
 
 
 def _value_fn(loss, params):
-  return {'value': loss(params), 'value_fn': loss}
+  return {'value': loss(params), 'grad': jax.grad(loss)(params), 'value_fn': loss}
 
 
 def _one_pass(loss, params):

@@ -64,7 +64,8 @@ def _two_steps(entry, value):
   for _ in range(2):
     loss, grads = jax.value_and_grad(loss_fn)(params)
     extra = {'grad': {},
-             'curvature': dict(value=loss, value_fn=loss_fn, model_fn=apply, loss_fn=ce),
+             'curvature': dict(value=loss, grad=grads, value_fn=loss_fn, model_fn=apply,
+                               loss_fn=ce),
              'hpo': dict(value_fn=loss_fn, validation_value_fn=loss_fn)}[entry.drive]
     updates, state = tx.update(grads, state, params, **extra)
     params = optax.apply_updates(params, updates)
