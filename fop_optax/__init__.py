@@ -22,11 +22,8 @@ from fop_optax.alias import adam_hd, fop, fop_adam, lodo, sgd_hd
 
 __version__ = '0.1.0'
 
-# The module-aware rule's helpers (describe, einsum_dimensions, structures_for) are public
-# attributes but not in __all__ yet: tests/test_leaderboard.py reads every exported function as
-# an optimiser unless listed in its NOT_OPTIMISERS.
 __all__ = [
-    'FopDimensionNumbers', 'WithDimensions',
+    'FopDimensionNumbers', 'WithDimensions', 'describe', 'einsum_dimensions', 'structures_for',
     'FopState', 'HypergradientState', 'LearnedPreconditionerState', 'OnePassHPOState',
     'OnePassInjectedState', 'QlrState', 'SeriesSfnState', 'SkipNonFiniteState', 'adam_hd',
     'adam_qlr', 'curvature', 'diagnostics', 'fop', 'fop_adam', 'hypergradient', 'learned', 'lodo',

@@ -58,12 +58,17 @@ def preconditioner_matrices(opt_state, params, structures=None, **rule_kwargs) -
 
 
 def spectra(opt_state, params, structures=None, **rule_kwargs) -> Any:
-  """Each leaf's eigenvalues of ``P``, in descending order (a 1-D array)."""
+  """Each leaf's eigenvalues of ``P``, in descending order (a 1-D array).
+
+  A leaf with batch axes (:class:`fop_optax.WithDimensions`) has one ``P`` per
+  batch index: their eigenvalues are pooled into the one array.
+  """
   def eig(s, p, m):
     mat = s.matrix(m, tuple(p.shape))
-    if mat.ndim == 2 and mat.shape[0] == mat.shape[1] and not isinstance(
+    if mat.ndim >= 2 and mat.shape[-1] == mat.shape[-2] and not isinstance(
         s, (structures_lib.Diagonal, structures_lib.Scalar)):
-      values = _linalg.eigvalsh(mat)
+      flat = mat.reshape((-1,) + mat.shape[-2:])
+      values = jnp.ravel(jax.vmap(_linalg.eigvalsh)(flat))
     else:
       values = jnp.ravel(mat)
     return jnp.sort(values)[::-1]

@@ -104,4 +104,7 @@ NOT_FACTORIES = {
     'lodo_preconditioner': "LODO's network as (init_fn, apply_fn) for "
                            'scale_by_learned_preconditioner',
     'resolve_structures': 'the structure rule, not an optimiser',
+    'structures_for': 'the module-aware structure rule, not an optimiser',
+    'describe': 'a table of the structures, not an optimiser',
+    'einsum_dimensions': "an einsum equation's dimension numbers, not an optimiser",
 }

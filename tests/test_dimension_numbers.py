@@ -231,3 +231,9 @@ def test_fop_trains_with_dimension_numbers_and_diagnostics_read_it():
   for i in range(L):
     np.testing.assert_allclose(mats['stack'][i], mats['stack'][i].T, atol=1e-6)
     assert np.linalg.eigvalsh(np.asarray(mats['stack'][i]))[-1] <= 1 + 1e-4
+  # spectra pools every layer's eigenvalues (before: a batched P fell through to its raw entries)
+  spectrum = np.asarray(fop_optax.diagnostics.spectra(state, params, structures)['stack'])
+  blocks = np.sort(np.concatenate([np.linalg.eigvalsh(np.asarray(mats['stack'][i], np.float64))
+                                   for i in range(L)]))[::-1]
+  assert spectrum.shape == (L * din,)
+  np.testing.assert_allclose(spectrum, blocks, atol=1e-5)

@@ -19,7 +19,8 @@ leaderboard = pytest.importorskip('benchmarks.leaderboard')
 # transformations behind the aliases (scale_by_*), the guard every alias already wraps, and
 # helpers. Anything else exported must be a leaderboard entry.
 NOT_OPTIMISERS = {'skip_nonfinite', 'resolve_structures', 'lodo_preconditioner',
-                  'scale_by_learned_preconditioner'}
+                  'scale_by_learned_preconditioner', 'describe', 'einsum_dimensions',
+                  'structures_for'}
 
 
 def exported_optimisers():
