@@ -221,6 +221,22 @@ def one_pass_hpo(
     :class:`OnePassHPOState`. Its updates are the final ones (``−η b``), to
     add to the parameters with ``optax.apply_updates``.
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, fop_optax
+    >>> def f(x): return jnp.sum(jnp.array([1., 10.]) * x ** 2)          # training loss
+    >>> def f_val(x): return jnp.sum(jnp.array([1., 10.]) * (x - 0.1) ** 2)  # validation
+    >>> tx = fop_optax.one_pass_hpo(learning_rate=0.02, momentum=0.5)
+    >>> params = jnp.array([1., 2.])
+    >>> state = tx.init(params)
+    >>> for _ in range(20):
+    ...   grad = jax.grad(f)(params)
+    ...   updates, state = tx.update(grad, state, params, value_fn=f, validation_value_fn=f_val)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print('f: {:.2E}'.format(f(params)))
+    f: 2.24E-02
+    >>> print({k: round(float(v), 3) for k, v in state.hyperparams.items()})
+    {'learning_rate': 0.024, 'momentum': 0.521, 'weight_decay': 0.0}
+
   Raises:
     ValueError: bad hyperparameter values or names.
     TypeError: at ``update``, a missing closure or ``params``; at ``init``,
@@ -521,6 +537,21 @@ def one_pass_hpo_injected(
     neumann_terms: terms of the Neumann series.
     hyper_optimizer: default ``optax.adam(hyper_learning_rate)``.
     hyper_learning_rate: the default hyper-optimiser's learning rate.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, fop_optax
+    >>> def f(x): return jnp.sum(jnp.array([1., 10.]) * x ** 2)
+    >>> def f_val(x): return jnp.sum(jnp.array([1., 10.]) * (x - 0.1) ** 2)
+    >>> inner = optax.inject_hyperparams(optax.sgd)(learning_rate=0.02)
+    >>> tx = fop_optax.one_pass_hpo_injected(inner)
+    >>> params = jnp.array([1., 2.])
+    >>> state = tx.init(params)
+    >>> for _ in range(20):
+    ...   grad = jax.grad(f)(params)
+    ...   updates, state = tx.update(grad, state, params, value_fn=f, validation_value_fn=f_val)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print('{:.3f}'.format(state.inner_state.hyperparams['learning_rate']))
+    0.025
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state

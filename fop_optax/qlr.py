@@ -163,6 +163,20 @@ def scale_by_qlr(
       ``λ ← damping_increase·λ``. Its configs use ``initial_damping=1,
       damping_decrease=0.9, damping_increase=2``.
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, fop_optax
+    >>> def f(x): return jnp.sum(jnp.array([1., 10.]) * x ** 2)
+    >>> tx = fop_optax.scale_by_qlr(optax.identity(), curvature='hessian')
+    >>> params = jnp.array([1., 2.])
+    >>> state = tx.init(params)
+    >>> for _ in range(2):
+    ...   value, grad = jax.value_and_grad(f)(params)
+    ...   updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=f)
+    ...   params = optax.apply_updates(params, updates)
+    ...   print('f: {:.2E}'.format(f(params)))
+    f: 8.10E-01
+    f: 1.53E-02
+
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`QlrState`.
   """
@@ -280,17 +294,26 @@ def adam_qlr(
   :func:`scale_by_qlr`). The paper's tuned starting point is
   ``initial_damping=1, damping_decrease=0.95, damping_increase=1.0526``.
 
-  Example::
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, fop_optax
+    >>> def f(x): return jnp.sum(jnp.array([1., 10.]) * x ** 2)
+    >>> tx = fop_optax.adam_qlr(curvature='hessian')   # 'ggn' needs model_fn and loss_fn
+    >>> params = jnp.array([1., 2.])
+    >>> state = tx.init(params)
+    >>> print('f:', f(params))
+    f: 41.0
+    >>> for _ in range(3):
+    ...   value, grad = jax.value_and_grad(f)(params)
+    ...   updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=f)
+    ...   params = optax.apply_updates(params, updates)
+    ...   print('f: {:.2E}'.format(f(params)))
+    f: 9.09E-01
+    f: 8.25E-01
+    f: 7.91E-01
 
-    tx = fop_optax.adam_qlr()
-    def step(params, state, x, y):
-      model_fn = lambda p: apply(p, x)
-      loss_fn = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
-      value_fn = lambda p: loss_fn(model_fn(p))
-      value, grads = jax.value_and_grad(value_fn)(params)
-      updates, state = tx.update(grads, state, params, value=value, grad=grads,
-                                 value_fn=value_fn, model_fn=model_fn, loss_fn=loss_fn)
-      return optax.apply_updates(params, updates), state
+  On a network, ``model_fn = lambda p: apply(p, x)``, ``loss_fn = lambda z:
+  optax.softmax_cross_entropy_with_integer_labels(z, y).mean()`` and
+  ``value_fn = lambda p: loss_fn(model_fn(p))``, all passed to ``update``.
   """
   tx = scale_by_qlr(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps), curvature=curvature,

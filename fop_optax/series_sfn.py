@@ -270,6 +270,21 @@ def series_sfn(
     learning_rate, momentum: the fixed ``α``, ``μ`` when ``adaptive=False``.
     skip_nonfinite: wrap in :func:`fop_optax.skip_nonfinite`.
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, fop_optax
+    >>> def f(x): return jnp.sum(jnp.array([1., 10.]) * x ** 2)
+    >>> tx = fop_optax.series_sfn(num_terms=10)
+    >>> params = jnp.array([1., 2.])
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   value, grad = jax.value_and_grad(f)(params)
+    ...   updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=f)
+    ...   params = optax.apply_updates(params, updates)
+    ...   print('f: {:.2E}'.format(f(params)))
+    f: 3.88E-01
+    f: 8.54E-02
+    f: 2.35E-02
+
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`SeriesSfnState` (inside a ``SkipNonFiniteState`` by default).
