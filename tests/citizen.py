@@ -83,19 +83,20 @@ REGISTRY: dict[str, Entry] = {
     'scale_by_lodo': Entry(F.scale_by_lodo, lambda lr: dict(learning_rate=lr),
                            static_args=_LODO_STATIC),
     'adam_qlr': Entry(F.adam_qlr, lambda lr: dict(curvature='hessian'), _value_fn,
-                      learning_rate_arg=None),
+                      learning_rate_arg=None, skips_nonfinite=True),
     'scale_by_qlr': Entry(F.scale_by_qlr,
                           lambda lr: dict(direction=optax.identity(), curvature='hessian'),
                           _value_fn, learning_rate_arg=None),
     'series_sfn': Entry(F.series_sfn, lambda lr: dict(learning_rate=lr), _value_fn,
+                        skips_nonfinite=True,
                         static_args=('num_terms', 'acceleration_order', 'power_iterations')),
     'one_pass_hpo': Entry(F.one_pass_hpo,
                           lambda lr: dict(learning_rate=lr, momentum=0.9, weight_decay=1e-4),
-                          _one_pass, static_args=_ONE_PASS_STATIC),
+                          _one_pass, static_args=_ONE_PASS_STATIC, skips_nonfinite=True),
     'one_pass_hpo_injected': Entry(
         F.one_pass_hpo_injected,
         lambda lr: dict(optimizer=optax.inject_hyperparams(optax.sgd)(lr, 0.9)),
-        _one_pass, learning_rate_arg=None, static_args=_ONE_PASS_STATIC),
+        _one_pass, learning_rate_arg=None, static_args=_ONE_PASS_STATIC, skips_nonfinite=True),
 }
 
 # Exported callables that are not optimiser factories, and why.
