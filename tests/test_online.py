@@ -1,0 +1,226 @@
+"""One online hypergradient: FOP's closed forms equal the generic ``jax.vjp`` path, and S-HD is an instance.
+
+FOP (``scale_by_fop``) and the generic learned preconditioner
+(``scale_by_learned_preconditioner``) are two instances of one online step
+(:mod:`fop_optax.online`): the same stored previous input, hyper step, untouched
+first step, learn-every-``k`` gate and projection; only the one-step
+hypergradient differs (FOP's closed form per structure, or ``jax.vjp`` of
+``apply_fn``). These tests run both on the same problem and require the same
+updates and the same learned matrices at every step, with the guard off and on.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fop_optax
+from fop_optax import structures as S
+
+STEPS = 6
+ETA = 0.05
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _loss(params):
+  # Nonconvex and coupling the leaves, so that every hypergradient is non-trivial.
+  leaves = jax.tree.leaves(params)
+  total = sum(jnp.sum(jnp.sin(x + 0.3 * i) ** 2 + 0.1 * x ** 4) for i, x in enumerate(leaves))
+  return total + 0.5 * jnp.sum(leaves[0]) * jnp.sum(leaves[-1])
+
+
+def _params(dtype=jnp.float64):
+  key = jax.random.key(0)
+  shapes = {'conv': (3, 3, 2, 3), 'dense': (5, 4), 'big': (12, 3), 'vec': (6,)}
+  return {k: jax.random.normal(jax.random.fold_in(key, i), s, dtype)
+          for i, (k, s) in enumerate(shapes.items())}
+
+
+STRUCTURES = {
+    'default': None,
+    'full': {'conv': S.Full(row_axes=2), 'dense': 'full', 'big': 'full', 'vec': 'full'},
+    'spatial': {'conv': 'spatial', 'dense': 'full', 'big': 'scalar', 'vec': 'diagonal'},
+    'low_rank': {'conv': S.LowRank(rank=2, row_axes=2), 'dense': S.LowRank(rank=2),
+                 'big': S.LowRank(rank=3), 'vec': S.LowRank(rank=2)},
+    'diagonal': 'diagonal',
+    'scalar': 'scalar',
+}
+
+
+def _structs(params, structures, max_scale, normalize=False):
+  return jax.tree.leaves(S.resolve_structures(params, structures, max_scale=max_scale,
+                                              normalize=normalize))
+
+
+def fop_as_learned(params, structures, max_scale=None, normalize=False, seed=0):
+  """FOP written as a learned preconditioner, with nothing of its closed-form hypergradient.
+
+  Returns ``(init_fn, apply_fn, project_and_apply)``: ``w`` is the list of per-leaf
+  ``M`` s (initialised as ``scale_by_fop`` does), ``apply_fn`` each structure's
+  ``P·G`` (the guard's clip of ``P`` included: ``jax.vjp`` learns through it), and
+  ``project_and_apply`` the guard's projection of ``M`` after the hyper step with
+  the preconditioning by the projected ``M`` (``None`` without the guard).
+  """
+  structs = _structs(params, structures, max_scale, normalize)
+
+  def init_fn(params):
+    key = jax.random.key(seed)
+    return [s.init(tuple(p.shape), jnp.promote_types(jnp.float32, p.dtype),
+                   jax.random.fold_in(key, i))
+            for i, (s, p) in enumerate(zip(structs, jax.tree.leaves(params)))]
+
+  def apply_fn(w, u):
+    leaves, treedef = jax.tree.flatten(u)
+    return treedef.unflatten([s.precondition(m, g) for s, m, g in zip(structs, w, leaves)])
+
+  def project_and_apply(w, u):
+    leaves, treedef = jax.tree.flatten(u)
+    pairs = [s.clip_and_precondition(m, max_scale, g) for s, m, g in zip(structs, w, leaves)]
+    return [m for m, _ in pairs], treedef.unflatten([out for _, out in pairs])
+
+  return init_fn, apply_fn, (None if max_scale is None else project_and_apply)
+
+
+def calibrated_adam(params, structures, lr, max_scale=None):
+  """``optax.adam(lr)`` with FOP's per-leaf factor ``hyper_step_scale`` on its step (any tree of M s)."""
+  structs = _structs(params, structures, max_scale)
+  scales = [s.hyper_step_scale(tuple(p.shape)) for s, p in zip(structs, jax.tree.leaves(params))]
+  adam = optax.adam(lr)
+
+  def update(updates, state, params=None):
+    updates, state = adam.update(updates, state, params)
+    leaves, treedef = jax.tree.flatten(updates)
+    return treedef.unflatten([u * c for u, c in zip(leaves, scales)]), state
+
+  return optax.GradientTransformation(adam.init, update)
+
+
+def _run(tx, params, steps=STEPS):
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(jax.grad(_loss)(p), s, p))
+  out = []
+  for _ in range(steps):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+    out.append((updates, state[0]))
+  return out
+
+
+def _flat(tree):
+  return jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
+
+
+def _compare(fop_run, other_run, init_ms, *, rtol=1e-9, atol=1e-12, min_move=1e-3):
+  """Updates and matrices equal at every step; returns (max rel. error, how far M moved)."""
+  err = 0.0
+  for t, ((u_f, s_f), (u_l, ms_l)) in enumerate(zip(fop_run, other_run)):
+    flat_f, flat_l = _flat(u_f), _flat(u_l)
+    np.testing.assert_allclose(flat_l, flat_f, rtol=rtol, atol=atol, err_msg=f'updates, step {t}')
+    err = max(err, float(jnp.max(jnp.abs(flat_l - flat_f)) / jnp.max(jnp.abs(flat_f))))
+    ms_f = jax.tree.leaves(s_f.preconditioners)
+    ms_l = jax.tree.leaves(ms_l)
+    assert len(ms_f) == len(ms_l)
+    for i, (m_f, m_l) in enumerate(zip(ms_f, ms_l)):
+      assert m_f.dtype == m_l.dtype
+      np.testing.assert_allclose(m_l, m_f, rtol=rtol, atol=atol, err_msg=f'M {i}, step {t}')
+  moved = max(float(jnp.max(jnp.abs(m - m0))) for m, m0 in zip(ms_l, init_ms))
+  assert moved > min_move, f'the matrices moved by {moved}: the comparison would be vacuous'
+  return err, moved
+
+
+def _fop_tx(structures, hyper, **kw):
+  return optax.chain(fop_optax.scale_by_fop(ETA, hyper_optimizer=hyper, structures=structures,
+                                            **kw),
+                     optax.sgd(ETA, momentum=0.9))
+
+
+def _learned_tx(init_fn, apply_fn, hyper):
+  return optax.chain(
+      fop_optax.scale_by_learned_preconditioner(apply_fn, init_fn, ETA, hyper),
+      optax.sgd(ETA, momentum=0.9))
+
+
+@pytest.mark.parametrize('name', list(STRUCTURES))
+@pytest.mark.parametrize('hyper', ['sgd', 'calibrated adam'])
+def test_fop_equals_vjp_instance_guard_off(x64, name, hyper):
+  """max_scale=None: scale_by_fop's closed forms = jax.vjp of P·G, updates and M, 6 steps."""
+  params, structures = _params(), STRUCTURES[name]
+  make = {'sgd': lambda: optax.sgd(0.01),
+          'calibrated adam': lambda: calibrated_adam(params, structures, 0.05)}[hyper]
+  init_fn, apply_fn, _ = fop_as_learned(params, structures)
+  fop_run = _run(_fop_tx(structures, make(), max_scale=None), params)
+  learned_run = [(u, s.preconditioner_params)
+                 for u, s in _run(_learned_tx(init_fn, apply_fn, make()), params)]
+  err, moved = _compare(fop_run, learned_run, init_fn(params))
+  print(f'{name} ({hyper}), guard off: max rel. error {err:.1e}, M moved {moved:.2f}')
+
+
+def test_fop_norm_equals_vjp_instance(x64):
+  """FOP-norm (P/‖P‖₂): the closed form with ∂λ/∂M equals jax.vjp through eigvalsh."""
+  params = _params()
+  structures = {'conv': 'spatial', 'dense': 'full', 'big': 'full', 'vec': 'full'}
+  init_fn, apply_fn, _ = fop_as_learned(params, structures, normalize=True)
+  fop_run = _run(_fop_tx(structures, optax.sgd(0.01), max_scale=None, normalize=True), params)
+  learned_run = [(u, s.preconditioner_params)
+                 for u, s in _run(_learned_tx(init_fn, apply_fn, optax.sgd(0.01)), params)]
+  _compare(fop_run, learned_run, init_fn(params), rtol=1e-8, atol=1e-11)
+
+
+def test_s_hd_through_the_learned_path_is_the_closed_form(x64):
+  """S-HD: apply_fn(w, u) = w·u, one scalar per leaf, SGD(β) on w, is α_t = α_{t−1} + βη g_t·u_{t−1}."""
+  params = _params()
+  alpha0, beta = 0.3, 0.02
+
+  def apply_fn(w, u):
+    return jax.tree.map(lambda a, x: (a * x).astype(x.dtype), w, u)
+
+  def init_fn(params):
+    return jax.tree.map(lambda p: jnp.full((), alpha0, p.dtype), params)
+
+  tx = fop_optax.scale_by_learned_preconditioner(apply_fn, init_fn, ETA, optax.sgd(beta))
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  # By hand: the hypergradient of w_{t−1} is −η g_t·u_{t−1}, SGD subtracts β times it.
+  alphas = {k: alpha0 for k in params}
+  prev = None
+  p = params
+  for t in range(STEPS):
+    g = jax.grad(_loss)(p)
+    out, state = update(g, state, p)
+    gn = {k: np.asarray(v) for k, v in g.items()}
+    if prev is not None:
+      alphas = {k: alphas[k] + beta * ETA * float(np.vdot(gn[k], prev[k])) for k in params}
+    for k in params:
+      np.testing.assert_allclose(out[k], alphas[k] * gn[k], rtol=1e-12, atol=1e-15)
+      np.testing.assert_allclose(state.preconditioner_params[k], alphas[k], rtol=1e-12)
+    prev = gn
+    p = jax.tree.map(lambda x, u: x - ETA * u, p, out)
+  assert abs(alphas['dense'] - alpha0) > 1e-4
+
+
+def test_s_hd_through_the_learned_path_equals_scale_by_hypergradient_additive(x64):
+  """Baydin's additive S-HD (scope='leaf', η=1, descent by scale(−1)) is the learned path's w·u."""
+  params = _params()
+  alpha0, beta = 0.05, 0.01
+  hd = optax.chain(fop_optax.scale_by_hypergradient(alpha0, beta, rule='additive', scope='leaf'),
+                   optax.scale(-1.0))
+
+  def apply_fn(w, u):
+    return jax.tree.map(lambda a, x: (a * x).astype(x.dtype), w, u)
+
+  learned = optax.chain(
+      fop_optax.scale_by_learned_preconditioner(
+          apply_fn, lambda p: jax.tree.map(lambda x: jnp.full((), alpha0, x.dtype), p), 1.0,
+          optax.sgd(beta)),
+      optax.scale(-1.0))
+  for (u_h, s_h), (u_l, s_l) in zip(_run(hd, params), _run(learned, params)):
+    np.testing.assert_allclose(_flat(u_l), _flat(u_h), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(_flat(s_l.preconditioner_params), _flat(s_h.learning_rates),
+                               rtol=1e-12)
+  assert abs(float(s_l.preconditioner_params['dense']) - alpha0) > 1e-4
