@@ -93,3 +93,35 @@ def previous_step_rate(learning_rate: Any, count: jax.Array, where: str = '') ->
     raise ValueError(f'{prefix}learning_rate must be a scalar (or a schedule returning one), '
                      f'got shape {jnp.shape(eta)}')
   return eta
+
+
+class MissingClosureError(TypeError, ValueError):
+  """A closure ``update`` needs was not passed (a ``TypeError``, as for any missing argument;
+  also a ``ValueError``, what AdamQLR and series SFN raised before 0.2)."""
+
+
+def require_closures(where: str, closures: dict[str, Any], usage: str,
+                     callables: tuple[str, ...] | None = None) -> None:
+  """Checks the keyword closures an ``update`` needs: present, and callable where they must be.
+
+  Args:
+    where: the transformation's name, for the message.
+    closures: ``{name: value}`` of the closures this call needs.
+    usage: how to pass them, e.g. ``'tx.update(grads, state, params, value_fn=loss_fn)'``;
+      the message adds what a Flax ``nnx.Optimizer`` user writes.
+    callables: the names that must be callables (default: all).
+
+  Raises:
+    MissingClosureError: a closure is ``None`` (all missing ones are named).
+    TypeError: a closure that must be callable is not.
+  """
+  missing = [name for name, value in closures.items() if value is None]
+  if missing:
+    raise MissingClosureError(
+        f'{where}: update() needs {", ".join(f"{n}=..." for n in missing)}, as keyword '
+        f'argument(s): {usage}; under flax.nnx, optimizer.update(model, grads, ...) passes '
+        'them through. Wrappers that pass no extra arguments (flax TrainState.apply_gradients) '
+        'cannot drive it.')
+  for name in (closures if callables is None else callables):
+    if not callable(closures[name]):
+      raise TypeError(f'{where}: {name} must be a callable, got {closures[name]!r}')

@@ -115,6 +115,11 @@ class OnePassHPOState(NamedTuple):
 
 # ----------------------------------------------------------------------------- helpers
 
+_USAGE = ('value_fn(params) -> the training loss on the batch of `grads` (for Hessian-vector '
+          'products) and validation_value_fn(params) -> a validation batch loss, as in '
+          'tx.update(grads, state, params, value_fn=..., validation_value_fn=...)')
+
+
 def _renamed_closures(extra_args, name: str = _NAME) -> None:
   """A clear error for the closures' names before 0.2 (they would be ignored as extra args)."""
   old = [n for n in ('train_loss_fn', 'val_loss_fn') if n in extra_args]
@@ -368,18 +373,8 @@ def one_pass_hpo(
       raise TypeError(f'{_NAME}: update needs params (the current weights: the step uses '
                       'them for weight decay and the hypergradient)')
     _renamed_closures(extra_args)
-    missing = [n for n, f in (('value_fn', value_fn), ('validation_value_fn', validation_value_fn))
-               if f is None]
-    if missing:
-      raise TypeError(
-          f'{_NAME}: update needs the keyword argument(s) {", ".join(missing)}: '
-          'value_fn(params) -> the training loss on the batch of `grads` (for '
-          'Hessian-vector products) and validation_value_fn(params) -> a validation batch loss, '
-          'as in tx.update(grads, state, params, value_fn=..., validation_value_fn=...). '
-          'Wrappers that pass no extra arguments (flax TrainState.apply_gradients) cannot '
-          'drive it.')
-    if not (callable(value_fn) and callable(validation_value_fn)):
-      raise TypeError(f'{_NAME}: value_fn and validation_value_fn must be callables params -> loss')
+    _checks.require_closures(_NAME, {'value_fn': value_fn,
+                                     'validation_value_fn': validation_value_fn}, _USAGE)
     hp = state.hyperparams
     eta, mu, wd = hp['learning_rate'], hp['momentum'], hp['weight_decay']
     cdtype = jax.tree.leaves(eta)[0].dtype
@@ -612,13 +607,8 @@ def one_pass_hpo_injected(
     if params is None:
       raise TypeError(f'{name}: update needs params (the current weights)')
     _renamed_closures(extra_args, name)
-    missing = [n for n, f in (('value_fn', value_fn), ('validation_value_fn', validation_value_fn))
-               if f is None]
-    if missing:
-      raise TypeError(
-          f'{name}: update needs the keyword argument(s) {", ".join(missing)}: '
-          'value_fn(params) -> the training loss on the batch of `grads` and '
-          'validation_value_fn(params) -> a validation batch loss')
+    _checks.require_closures(name, {'value_fn': value_fn,
+                                    'validation_value_fn': validation_value_fn}, _USAGE)
     new_updates, new_inner = inner.update(updates, state.inner_state, params)
     finite = all_finite(updates) & all_finite(new_updates)
     is_hyper = (state.count % period) == (period - 1)

@@ -88,17 +88,6 @@ class QlrState(NamedTuple):
   direction_state: optax.OptState
 
 
-def _require(name, value, why):
-  if value is None:
-    raise ValueError(
-        f'scale_by_qlr: update() needs {name}=... ({why}). Pass it as a keyword argument, '
-        f'e.g. tx.update(grads, state, params, value=loss, value_fn=loss_fn, '
-        f'model_fn=model_fn, loss_fn=loss_on_outputs); under flax.nnx, '
-        f'optimizer.update(model, grads, value=..., value_fn=...) passes it through.')
-  if name != 'loss_fn' and not callable(value):
-    raise TypeError(f'scale_by_qlr: {name} must be a callable, got {value!r}')
-
-
 def scale_by_qlr(
     direction: Optional[optax.GradientTransformation] = None,
     *,
@@ -214,11 +203,15 @@ def scale_by_qlr(
                 model_fn=None, loss_fn=None, **extra_args):
     if params is None:
       raise ValueError(f'{where}: update() needs params (the step size is measured at them)')
-    _require('value_fn', value_fn, 'the loss on the same batch, for the damping ratio ρ')
+    needs = {'value_fn': value_fn}
     if curvature == 'ggn':
-      _require('model_fn', model_fn, "curvature='ggn': the model's outputs on the batch")
-      _require('loss_fn', loss_fn, "curvature='ggn': the loss of the outputs, or "
-               "'softmax_cross_entropy' / 'mse' / 'l2'")
+      needs.update(model_fn=model_fn, loss_fn=loss_fn)
+    _checks.require_closures(
+        where, needs, 'value_fn(params) -> the loss on the batch (for ρ and the curvature); with '
+        "curvature='ggn' also model_fn(params) -> the outputs and loss_fn(outputs) -> the loss "
+        "(or 'softmax_cross_entropy' / 'mse' / 'l2'), as in tx.update(grads, state, params, "
+        'value=loss, grad=grads, value_fn=value_fn, model_fn=model_fn, loss_fn=loss_fn)',
+        callables=tuple(n for n in needs if n != 'loss_fn'))
     dtype = curvature_lib.scalar_dtype(params)
     d, direction_state = direction.update(updates, state.direction_state, params, **extra_args)
     if grad is None:

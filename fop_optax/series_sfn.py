@@ -206,17 +206,6 @@ def wynn_epsilon(sums: Sequence[Any], dtype=None):
   return current[0]
 
 
-def _require(value_fn):
-  if value_fn is None:
-    raise ValueError(
-        'series_sfn: update() needs value_fn=... (the loss on the batch the gradient came '
-        'from, as a function of the parameters: its Hessian-vector products make the '
-        'series). Call tx.update(grads, state, params, value=loss, value_fn=loss_fn); '
-        'under flax.nnx, optimizer.update(model, grads, value=..., value_fn=...).')
-  if not callable(value_fn):
-    raise TypeError(f'series_sfn: value_fn must be a callable, got {value_fn!r}')
-
-
 def series_sfn(
     num_terms: int = 20,
     acceleration_order: int = 1,
@@ -337,7 +326,11 @@ def series_sfn(
     del extra_args
     if params is None:
       raise ValueError(f'{where}: update() needs params (the Hessian is taken at them)')
-    _require(value_fn)
+    _checks.require_closures(
+        where, {'value_fn': value_fn},
+        'value_fn(params) -> the loss on the batch the gradient came from (its Hessian-vector '
+        'products make the series), as in tx.update(grads, state, params, value=loss, '
+        'grad=grads, value_fn=loss_fn)')
     g = updates
     dtype = curvature_lib.scalar_dtype(params)
     vdot = lambda a, b: curvature_lib.tree_vdot(a, b, dtype)
