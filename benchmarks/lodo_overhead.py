@@ -3,8 +3,8 @@
 The same jit-compiled training step (forward, backward, optimiser update, ``apply_updates``;
 parameters and state donated) is timed with ``optax.sgd(0.05, momentum=0.9)`` and with LODO
 (``optax.chain(fop_optax.scale_by_lodo(α), optax.scale_by_learning_rate(α))``, L = 16, b = 4),
-interleaved repetition by repetition, each ratio taken within one repetition (the timing
-harness of ``benchmarks/overhead.py``). FOP's default chain is timed alongside for scale.
+interleaved repetition by repetition, each ratio taken within one repetition (``benchmarks/
+overhead.py``'s ``bench_case`` on ``benchmarks/_harness.py``'s interleaved rounds). FOP's default chain is timed alongside for scale.
 
 Models (plain JAX, Flax layouts):
 
