@@ -100,16 +100,20 @@ def test_multiplicative_is_baydin_normalised_rule(x64, scope):
 def test_log_rule_first_step_is_the_clip(x64, sign):
   """ν starts at 0, so the first normalised hypergradient is ±1/√(1−ρ) = ±10: clipped.
 
-  Aligned successive gradients grow α by exactly e^{β}; opposed ones shrink it by e^{−10β}.
+  Aligned successive gradients grow α by exactly e^{0.1β} (the default step_clip's c_+,
+  0.1; it was 1 until the growth cap was tightened); opposed ones shrink it by e^{−10β}.
+  With step_clip=(−10, 1) the old behaviour comes back.
   """
   alpha0, beta = 0.01, 0.05
-  tx = fop_optax.scale_by_hypergradient(alpha0, beta, rule='log', scope='global')
-  params = jnp.array([1.0, 2.0])
-  state = tx.init(params)
-  _, state = tx.update(params, state)
-  _, state = tx.update(sign * params, state)
-  expected = alpha0 * np.exp(beta * (1.0 if sign > 0 else -10.0))
-  np.testing.assert_allclose(float(state.learning_rates), expected, rtol=1e-12)
+  assert hypergradient.DEFAULT_STEP_CLIP == (-10.0, 0.1)
+  for clip, high in ((None, 0.1), ((-10.0, 1.0), 1.0)):
+    tx = fop_optax.scale_by_hypergradient(alpha0, beta, rule='log', scope='global', step_clip=clip)
+    params = jnp.array([1.0, 2.0])
+    state = tx.init(params)
+    _, state = tx.update(params, state)
+    _, state = tx.update(sign * params, state)
+    expected = alpha0 * np.exp(beta * (high if sign > 0 else -10.0))
+    np.testing.assert_allclose(float(state.learning_rates), expected, rtol=1e-12)
 
 
 def test_log_rule_stays_within_its_range_and_positive(x64):
@@ -191,8 +195,7 @@ def _final(make, problem, steps=30_000, alphas=(1e-4, 1e-3, 1e-2)):
       return (optax.apply_updates(p, u), s), None
     (p, _), _ = jax.lax.scan(step, (x0, tx.init(x0)), length=steps)
     return p
-  # One compiled program, α_0 traced; not vmapped: under vmap skip_nonfinite's
-  # warning callback runs on every step (see its docstring).
+  # One compiled program, α_0 traced.
   run = jax.jit(run)
   return np.stack([np.asarray(run(jnp.float32(a))) for a in alphas])
 
@@ -223,8 +226,10 @@ def test_baydin_additive_rule_blows_up_where_the_default_does_not():
 
   Measured: final error 1e12-4e26 with α negative, for all three α_0. The issue's second
   trap is visible: a run that only skips lets its NaNs through after 100 skips in a row
-  (the aliases' skip_nonfinite), so the final iterate is not finite or far off.
+  (the aliases' skip_nonfinite), with a NonFiniteLetThroughWarning, so the final iterate is
+  not finite or far off.
   """
-  final = _final(lambda a: fop_optax.sgd_hd(a, rule='additive'), ROSENBROCK)
+  with pytest.warns(fop_optax.nonfinite.NonFiniteLetThroughWarning, match='100 skipped in all'):
+    final = _final(lambda a: fop_optax.sgd_hd(a, rule='additive'), ROSENBROCK)
   err = np.max(np.abs(final - 1.0), axis=1)
   assert np.all(~np.isfinite(err) | (err > 1e3)), err
