@@ -138,7 +138,7 @@ _ADAM_HD_BETA = {'additive': 1e-7, 'multiplicative': 0.1, 'log': 0.05}
 
 
 def _hd(name, learning_rate, hyper_learning_rate, direction, rule, scope, per_parameter,
-        skip_nonfinite, defaults):
+        skip_nonfinite, defaults, step_clip=None):
   if callable(learning_rate):
     raise TypeError(
         f'{name}: hypergradient descent learns the step size itself: pass the '
@@ -152,7 +152,7 @@ def _hd(name, learning_rate, hyper_learning_rate, direction, rule, scope, per_pa
   tx = optax.chain(
       hypergradient.scale_by_hypergradient(
           learning_rate, hyper_learning_rate, direction, rule=rule, scope=scope,
-          per_parameter=per_parameter),
+          per_parameter=per_parameter, step_clip=step_clip),
       optax.scale(-1.0),
   )
   return _finish(tx, skip_nonfinite)
@@ -176,6 +176,7 @@ def sgd_hd(
     scope: Optional[str] = None,
     per_parameter: Optional[bool] = None,
     skip_nonfinite: bool = True,
+    step_clip: Optional[tuple[float, float]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD-HD (Baydin et al., 2018): SGD whose step size is learned online.
 
@@ -196,6 +197,7 @@ def sgd_hd(
     scope: ``'global'``, ``'leaf'`` (default) or ``'parameter'``.
     per_parameter: older spelling of ``scope='parameter'``.
     skip_nonfinite: skip steps with NaN/Inf gradients.
+    STEP_CLIP_DOC
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -207,7 +209,7 @@ def sgd_hd(
   momentum = _no_zero_momentum(momentum)
   direction = None if momentum is None else optax.trace(momentum, nesterov)
   return _hd('sgd_hd', learning_rate, hyper_learning_rate, direction, rule, scope,
-             per_parameter, skip_nonfinite, _SGD_HD_BETA)
+             per_parameter, skip_nonfinite, _SGD_HD_BETA, step_clip)
 
 
 def adam_hd(
@@ -221,6 +223,7 @@ def adam_hd(
     scope: Optional[str] = None,
     per_parameter: Optional[bool] = None,
     skip_nonfinite: bool = True,
+    step_clip: Optional[tuple[float, float]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam-HD (Baydin et al., 2018): Adam whose step size is learned online.
 
@@ -237,6 +240,7 @@ def adam_hd(
     scope: ``'global'``, ``'leaf'`` (default) or ``'parameter'``.
     per_parameter: older spelling of ``scope='parameter'``.
     skip_nonfinite: skip steps with NaN/Inf gradients.
+    STEP_CLIP_DOC
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -246,11 +250,20 @@ def adam_hd(
     <https://arxiv.org/abs/1703.04782>`_, ICLR 2018
   """
   return _hd('adam_hd', learning_rate, hyper_learning_rate, optax.scale_by_adam(b1, b2, eps),
-             rule, scope, per_parameter, skip_nonfinite, _ADAM_HD_BETA)
+             rule, scope, per_parameter, skip_nonfinite, _ADAM_HD_BETA, step_clip)
+
+
+_STEP_CLIP_DOC = """step_clip: ``rule='log'``'s ``(c_-, c_+)``: one step multiplies ``α`` by
+      ``e^{β·c}``, ``c`` in that interval; ``None`` for
+      ``hypergradient.DEFAULT_STEP_CLIP = (−10, 0.1)`` (growth of at most
+      0.5 % a step at the default ``β``, so ``α`` needs ~460 steps per decade
+      from a too-small ``α_0``). ``(−10, 1)``, the default before, grows 10×
+      faster and can overshoot the stability edge (see
+      :mod:`fop_optax.hypergradient`)."""
 
 
 for _f in (sgd_hd, adam_hd):
-  _f.__doc__ = _f.__doc__.replace('RULES_DOC', _RULES_DOC)
+  _f.__doc__ = _f.__doc__.replace('RULES_DOC', _RULES_DOC).replace('STEP_CLIP_DOC', _STEP_CLIP_DOC)
 del _f
 
 

@@ -233,3 +233,16 @@ def test_baydin_additive_rule_blows_up_where_the_default_does_not():
     final = _final(lambda a: fop_optax.sgd_hd(a, rule='additive'), ROSENBROCK)
   err = np.max(np.abs(final - 1.0), axis=1)
   assert np.all(~np.isfinite(err) | (err > 1e3)), err
+
+
+@pytest.mark.parametrize('make', [fop_optax.sgd_hd, fop_optax.adam_hd])
+def test_aliases_pass_step_clip_through(x64, make):
+  """The aliases grow α by at most e^{0.1β} a step by default; step_clip=(−10, 1) is the old cap."""
+  params = jnp.array([1.0, 2.0])
+  for clip, high in ((None, 0.1), ((-10.0, 1.0), 1.0)):
+    tx = make(0.01, step_clip=clip)
+    state = tx.init(params)
+    for _ in range(2):   # aligned gradients: the first normalised hypergradient is clipped at c_+
+      _, state = tx.update(params, state)
+    rate = float(state.inner_state[0].learning_rates)
+    np.testing.assert_allclose(rate, 0.01 * np.exp(0.05 * high), rtol=1e-12)
