@@ -53,6 +53,7 @@ import optax
 from optax._src import numerics
 
 from fop_optax import _checks
+from fop_optax import online
 from fop_optax import structures as structures_lib
 from fop_optax.transform import _check_tree_matches
 
@@ -172,6 +173,25 @@ def scale_by_learned_preconditioner(
     ValueError: ``learning_rate`` is negative, zero or not finite;
       ``apply_fn``'s output does not match its input's shapes and dtypes.
   """
+  return _scale_by_learned(apply_fn, init_fn, learning_rate, hyper_optimizer, direction)
+
+
+def _scale_by_learned(
+    apply_fn: Callable[[Any, optax.Updates], optax.Updates],
+    init_fn: Callable[[optax.Params], Any],
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    hyper_optimizer: Optional[optax.GradientTransformation] = None,
+    direction: Optional[optax.GradientTransformation] = None,
+    *,
+    project_and_apply: Optional[online.ProjectAndApplyFn] = None,
+    update_every: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`scale_by_learned_preconditioner` with the online step's other hooks.
+
+  ``project_and_apply(w, u) -> (projected w, P(projected w)·u)`` runs after each
+  hyper step in place of ``apply_fn`` (a guard on ``w``, as FOP's); with
+  ``update_every = k`` only calls ``k, 2k, ...`` learn (as FOP's). Same state.
+  """
   if not callable(apply_fn):
     raise TypeError(f'{_NAME}: apply_fn must be a callable (w, u) -> P(w)·u, got {apply_fn!r}')
   if not callable(init_fn):
@@ -180,6 +200,8 @@ def scale_by_learned_preconditioner(
   if hyper_optimizer is None:
     hyper_optimizer = optax.adam(DEFAULT_HYPER_LEARNING_RATE)
   direction = optax.with_extra_args_support(direction or optax.identity())
+  if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+    raise ValueError(f'{_NAME}: update_every must be an int >= 1, got {update_every!r}')
 
   def init(params):
     def check(path, p):
@@ -202,28 +224,32 @@ def scale_by_learned_preconditioner(
   def update(updates, state, params=None, **extra_args):
     _check_tree_matches(_NAME, updates, state.last_input)
     eta = _checks.previous_step_rate(learning_rate, state.count, _NAME)
-    w = state.preconditioner_params
-
-    # ∂J(θ_t)/∂w_{t-1} = (∂ apply(w, u_{t-1})/∂w)ᵀ (−η g_t): one VJP.
-    out_prev, vjp = jax.vjp(lambda w: apply_fn(w, state.last_input), w)
-    _check_output(_NAME, out_prev, state.last_input)
-    cotangent = jax.tree.map(
-        lambda g, o: (-eta * g.astype(jnp.promote_types(g.dtype, jnp.float32))).astype(o.dtype),
-        updates, out_prev)
-    (hypergrads,) = vjp(cotangent)
-    hypergrads = optax.tree.cast_like(hypergrads, w)
-    hyper_updates, hyper_state = hyper_optimizer.update(hypergrads, state.hyper_state, w)
-    new_w = optax.tree.cast_like(optax.apply_updates(w, hyper_updates), w)
-    # The first call has no previous step to learn from.
-    first = state.count == 0
-    new_w, hyper_state = optax.tree.where(
-        first, (w, state.hyper_state), (new_w, hyper_state))
-
     inputs, direction_state = direction.update(
         updates, state.direction_state, params, **extra_args)
     inputs = optax.tree.cast_like(inputs, state.last_input)
-    new_updates = apply_fn(new_w, inputs)
-    _check_output(_NAME, new_updates, state.last_input)
+
+    def check_output(out, like):
+      _check_output(_NAME, out, like)
+
+    def apply(w, u):
+      out = apply_fn(w, u)
+      check_output(out, state.last_input)
+      return out
+
+    def project_then_apply(w, u):
+      w, out = project_and_apply(w, u)
+      check_output(out, state.last_input)
+      return optax.tree.cast_like(w, state.preconditioner_params), out
+
+    # ∂J(θ_t)/∂w_{t-1} = (∂ apply(w, u_{t-1})/∂w)ᵀ (−η g_t): one VJP. The first
+    # call has no previous step to learn from (w and the hyper state are kept).
+    new_w, hyper_state, new_updates = online.online_step(
+        state.count, state.preconditioner_params, state.hyper_state, state.last_input,
+        updates, inputs,
+        hypergradient=online.vjp_hypergradient(apply_fn, eta, check_output=check_output),
+        hyper_step=online.optax_hyper_step(hyper_optimizer),
+        apply=apply, project_and_apply=project_then_apply if project_and_apply else None,
+        every=update_every)
     return new_updates, LearnedPreconditionerState(
         count=numerics.safe_increment(state.count),
         preconditioner_params=new_w,

@@ -21,6 +21,7 @@ import optax
 from optax._src import numerics
 
 from fop_optax import _checks
+from fop_optax import online
 from fop_optax import structures as structures_lib
 
 __all__ = ['FopState', 'scale_by_fop']
@@ -295,35 +296,37 @@ def scale_by_fop(
         return m, precondition(s, m, g)
       return s.clip_and_precondition(m, bound, g)
 
-    def hyper_step(operand):
-      old_ms, old_hyper_state = operand
-      hypergrads = m_def.unflatten(_replicate_matrices(structs, [
+    # The online step (fop_optax.online) with FOP's closed-form hypergradient,
+    # the default Adam's per-leaf calibration and the guard as its projection.
+    def hypergradients(ms, last_gradient, gradient):
+      return m_def.unflatten(_replicate_matrices(structs, [
           hypergradient(s, m, g, gp).astype(m.dtype)
-          for s, m, g, gp in zip(structs, jax.tree.leaves(old_ms), gs,
-                                 jax.tree.leaves(state.last_gradient))]))
-      hyper_updates, hyper_state = hyper_optimizer.update(hypergrads, old_hyper_state, old_ms)
-      if calibrate:
-        hyper_updates = m_def.unflatten([
-            u * s.hyper_step_scale(tuple(g.shape))
-            for s, u, g in zip(structs, jax.tree.leaves(hyper_updates), gs)])
-      new_ms = optax.apply_updates(old_ms, hyper_updates)
-      pairs = [project_and_precondition(s, m, g)
-               for s, m, g in zip(structs, jax.tree.leaves(new_ms), gs)]
-      new_ms = m_def.unflatten(_replicate_matrices(structs, [m for m, _ in pairs]))
-      return new_ms, hyper_state, [out for _, out in pairs]
+          for s, m, g, gp in zip(structs, jax.tree.leaves(ms), jax.tree.leaves(gradient),
+                                 jax.tree.leaves(last_gradient))]))
 
-    def keep(operand):
-      ms, hyper_state = operand
-      return ms, hyper_state, [precondition(s, m, g)
-                               for s, m, g in zip(structs, jax.tree.leaves(ms), gs)]
+    def calibrate_step(hyper_updates):
+      return m_def.unflatten([
+          u * s.hyper_step_scale(tuple(g.shape))
+          for s, u, g in zip(structs, jax.tree.leaves(hyper_updates), gs)])
+
+    def apply(ms, inputs):
+      return [precondition(s, m, g) for s, m, g in zip(structs, jax.tree.leaves(ms), inputs)]
+
+    def project_and_apply(ms, inputs):
+      pairs = [project_and_precondition(s, m, g)
+               for s, m, g in zip(structs, jax.tree.leaves(ms), inputs)]
+      return (m_def.unflatten(_replicate_matrices(structs, [m for m, _ in pairs])),
+              [out for _, out in pairs])
 
     # The first call has no previous step to learn from; with update_every = k only
     # calls k, 2k, ... learn. lax.cond: the skipped calls do none of the work.
-    learn = state.count > 0
-    if every > 1:
-      learn = learn & (state.count % every == 0)
-    preconditioners, hyper_state, outs = jax.lax.cond(
-        learn, hyper_step, keep, (state.preconditioners, state.hyper_state))
+    preconditioners, hyper_state, outs = online.online_step(
+        state.count, state.preconditioners, state.hyper_state, state.last_gradient,
+        updates, gs,
+        hypergradient=hypergradients,
+        hyper_step=online.optax_hyper_step(hyper_optimizer,
+                                           calibrate_step if calibrate else None),
+        apply=apply, project_and_apply=project_and_apply, every=every)
     preconditioners = m_def.unflatten(
         _replicate_matrices(structs, jax.tree.leaves(preconditioners)))
     new_updates = jax.tree.structure(updates).unflatten(outs)

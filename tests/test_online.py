@@ -101,8 +101,16 @@ def calibrated_adam(params, structures, lr, max_scale=None):
   return optax.GradientTransformation(adam.init, update)
 
 
-def _run(tx, params, steps=STEPS):
+def _run(tx, params, steps=STEPS, start=None):
   state = tx.init(params)
+  if start is not None:   # replaces the learned matrices (a list, in leaf order) of state[0]
+    first = state[0]
+    if hasattr(first, 'preconditioners'):
+      first = first._replace(preconditioners=jax.tree.structure(first.preconditioners).unflatten(
+          start(jax.tree.leaves(first.preconditioners))))
+    else:
+      first = first._replace(preconditioner_params=start(first.preconditioner_params))
+    state = (first,) + tuple(state[1:])
   step = jax.jit(lambda p, s: tx.update(jax.grad(_loss)(p), s, p))
   out = []
   for _ in range(steps):
@@ -224,3 +232,90 @@ def test_s_hd_through_the_learned_path_equals_scale_by_hypergradient_additive(x6
     np.testing.assert_allclose(_flat(s_l.preconditioner_params), _flat(s_h.learning_rates),
                                rtol=1e-12)
   assert abs(float(s_l.preconditioner_params['dense']) - alpha0) > 1e-4
+
+
+def _learned_with_hooks_tx(init_fn, apply_fn, hyper, project_and_apply=None, update_every=1):
+  # The generic vjp instance with the online step's projection and gate (learned._scale_by_learned).
+  return optax.chain(
+      fop_optax.learned._scale_by_learned(  # pylint: disable=protected-access
+          apply_fn, init_fn, ETA, hyper, project_and_apply=project_and_apply,
+          update_every=update_every),
+      optax.sgd(ETA, momentum=0.9))
+
+
+GUARDED = ['default', 'full', 'spatial', 'low_rank', 'diagonal', 'scalar']
+BOUND = 1.2   # above 1, so that scalar and diagonal m² (starting at 1) can reach it
+
+
+def _generic_start(ms):
+  """Low rank: V ≠ 0, so that jax.vjp through the clip's eigh meets no repeated eigenvalue.
+
+  ``scale_by_fop`` starts at ``V = 0`` (``P = I``); its closed form handles that (divided
+  differences), autodiff through ``eigh`` returns NaN there. Other ``M`` s are kept.
+  """
+  key = jax.random.key(1)
+  return [m.at[1].set(0.3 * jax.random.normal(jax.random.fold_in(key, i), m[1].shape, m.dtype))
+          if m.ndim == 3 else m for i, m in enumerate(ms)]
+
+
+@pytest.mark.parametrize('name', GUARDED)
+def test_fop_equals_vjp_instance_guard_on(x64, name):
+  """The guard on: the closed forms through the clip (Daleckii–Krein) and the projection after the
+  hyper step = jax.vjp through the clipped P·G with the same projection hook, updates and M."""
+  params, structures = _params(), STRUCTURES[name]
+  hyper = lambda: optax.sgd(0.05)   # large enough for P to reach the bound within 6 steps
+  init_fn, apply_fn, project_and_apply = fop_as_learned(params, structures, max_scale=BOUND)
+  fop_run = _run(_fop_tx(structures, hyper(), max_scale=BOUND), params, start=_generic_start)
+  learned_run = [(u, s.preconditioner_params) for u, s in _run(
+      _learned_with_hooks_tx(init_fn, apply_fn, hyper(), project_and_apply), params,
+      start=_generic_start)]
+  err, moved = _compare(fop_run, learned_run, _generic_start(init_fn(params)),
+                        rtol=1e-8, atol=1e-11)
+  # The guard acted: without it the same run differs.
+  free_run = _run(_fop_tx(structures, hyper(), max_scale=None), params, start=_generic_start)
+  gap = max(float(jnp.max(jnp.abs(_flat(a[0]) - _flat(b[0])))) for a, b in zip(fop_run, free_run))
+  assert gap > 1e-6, f'{name}: the guard never acted (gap {gap:.1e}): the comparison is vacuous'
+  print(f'{name}, guard on: max rel. error {err:.1e}, M moved {moved:.2f}, guard gap {gap:.1e}')
+
+
+@pytest.mark.parametrize('name', ['default', 'scalar'])
+def test_update_every_equals_vjp_instance(x64, name):
+  """update_every=2 (guard on, B = 1.2): the same gate in both instances; M kept on odd calls."""
+  params, structures = _params(), STRUCTURES[name]
+  init_fn, apply_fn, project_and_apply = fop_as_learned(params, structures, max_scale=BOUND)
+  fop_run = _run(_fop_tx(structures, optax.sgd(0.05), update_every=2, max_scale=BOUND), params,
+                 start=_generic_start)
+  learned_run = [(u, s.preconditioner_params) for u, s in _run(
+      _learned_with_hooks_tx(init_fn, apply_fn, optax.sgd(0.05), project_and_apply, 2), params,
+      start=_generic_start)]
+  _compare(fop_run, learned_run, _generic_start(init_fn(params)), rtol=1e-8, atol=1e-11)
+  ms = [jax.tree.leaves(s.preconditioners) for _, s in fop_run]
+  # fop_run[t] is the call with count t: counts 0, 1, 3, 5 keep M, counts 2, 4 learn.
+  for t in (1, 3, 5):
+    for a, b in zip(ms[t], ms[t - 1]):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_online_step_gate_and_hooks():
+  """The core itself: first call and off-gate calls keep w and the hyper state and only apply."""
+  from fop_optax import online
+
+  def hypergradient(w, last_input, gradient):
+    return -last_input * gradient
+
+  def hyper_step(hg, hs, w):
+    return w - 0.5 * hg, hs + 1
+
+  apply = lambda w, u: w * u
+  project = lambda w, u: (jnp.minimum(w, 2.0), jnp.minimum(w, 2.0) * u)
+  w, hs = jnp.asarray(1.0), jnp.asarray(0)
+  for count, every, learns in [(0, 1, False), (1, 1, True), (3, 2, False), (4, 2, True)]:
+    new_w, new_hs, out = online.online_step(
+        jnp.asarray(count), w, hs, jnp.asarray(3.0), jnp.asarray(2.0), jnp.asarray(5.0),
+        hypergradient=hypergradient, hyper_step=hyper_step, apply=apply,
+        project_and_apply=project, every=every)
+    assert bool(online.learn_now(jnp.asarray(count), every)) == learns
+    if learns:   # w = 1 + 0.5·6 = 4, projected to 2
+      assert float(new_w) == 2.0 and int(new_hs) == 1 and float(out) == 10.0
+    else:
+      assert float(new_w) == 1.0 and int(new_hs) == 0 and float(out) == 5.0
