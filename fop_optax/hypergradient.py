@@ -57,7 +57,13 @@ so no extra forward or backward pass is needed. Three rules use it:
   perturbed starts each). The price is time: ``α`` needs
   ``\ln(α^*/α_0)/γ`` steps to reach a good ``α^*`` from below, 461 steps per
   decade (46 before); a too-small ``α`` only costs time, an overshoot can
-  cost the run. Shrinking ``β`` instead would also slow the back-off.
+  cost the run. Shrinking ``β`` instead would also slow the back-off. Short
+  runs from a too-small ``α_0`` pay for it: on benchmarks/hd_rules.py's
+  digits CNN (440 steps, seed 0) SGD-HD with momentum 0.9 reaches test
+  accuracy 0.128 / 0.875 / 0.936 from ``α_0`` = 1e-4 / 1e-3 / 1e-2 (0.953 /
+  ~0.96 / 0.958 at ``c_+ = 1``; 0.886 / 0.942 / 0.939 at ``c_+ = 0.3``) and
+  Adam-HD 0.933 / 0.956 / 0.964 (0.964 / ~0.97 / 0.981 at ``c_+ = 1``); pass
+  ``step_clip=(−10, 1)`` for such runs.
 
 ``scope`` decides how many step sizes there are: ``'global'`` one for all
 parameters (Baydin et al.'s code; the dot products and norms run over the
