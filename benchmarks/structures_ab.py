@@ -41,8 +41,15 @@ CASES = {
 
 
 def load_revision(rev):
-  src = subprocess.run(['git', 'show', f'{rev}:fop_optax/structures.py'], cwd=ROOT, check=True,
-                       capture_output=True, text=True).stdout
+  # fop_optax/structures.py until db6b928, then the package fop_optax/structures/ (one file).
+  for where in ('fop_optax/structures.py', 'fop_optax/structures/__init__.py'):
+    shown = subprocess.run(['git', 'show', f'{rev}:{where}'], cwd=ROOT, capture_output=True,
+                           text=True)
+    if shown.returncode == 0:
+      break
+  else:
+    raise SystemExit(f'{rev}: no fop_optax/structures.py or fop_optax/structures/__init__.py')
+  src = shown.stdout
   path = os.path.join(tempfile.mkdtemp(), 'structures_before.py')
   with open(path, 'w') as f:
     f.write(src)
