@@ -12,7 +12,7 @@ from fop_optax.one_pass import (OnePassHPOState, OnePassInjectedState, one_pass_
                                 one_pass_hpo_injected)
 from fop_optax.qlr import QlrState, adam_qlr, scale_by_qlr
 from fop_optax.series_sfn import SeriesSfnState, series_sfn
-from fop_optax.nonfinite import SkipNonFiniteState, skip_nonfinite
+from fop_optax.nonfinite import NonFiniteLetThroughWarning, SkipNonFiniteState, skip_nonfinite
 from fop_optax.structures import FopDimensionNumbers, WithDimensions, resolve_structures
 from fop_optax.module_rules import describe, einsum_dimensions, structures_for
 from fop_optax.hypergradient import HypergradientState, scale_by_hypergradient
@@ -23,7 +23,7 @@ from fop_optax.alias import adam_hd, fop, fop_adam, lodo, sgd_hd
 __version__ = '0.1.0'
 
 __all__ = [
-    'FopDimensionNumbers', 'WithDimensions', 'describe', 'einsum_dimensions', 'structures_for',
+    'FopDimensionNumbers', 'NonFiniteLetThroughWarning', 'WithDimensions', 'describe', 'einsum_dimensions', 'structures_for',
     'FopState', 'HypergradientState', 'LearnedPreconditionerState', 'OnePassHPOState',
     'OnePassInjectedState', 'QlrState', 'SeriesSfnState', 'SkipNonFiniteState', 'adam_hd',
     'adam_qlr', 'curvature', 'diagnostics', 'fop', 'fop_adam', 'hypergradient', 'learned', 'lodo',
