@@ -11,7 +11,7 @@ from fop_optax.lodo import lodo_preconditioner, scale_by_lodo
 from fop_optax.one_pass import (OnePassHPOState, OnePassInjectedState, one_pass_hpo,
                                 one_pass_hpo_injected)
 from fop_optax.qlr import QlrState, adam_qlr, scale_by_qlr
-from fop_optax.series_sfn import SeriesSfnState, series_sfn
+from fop_optax._series_sfn import SeriesSfnState, series_sfn
 from fop_optax.nonfinite import NonFiniteLetThroughWarning, SkipNonFiniteState, skip_nonfinite
 from fop_optax.structures import FopDimensionNumbers, WithDimensions, resolve_structures
 from fop_optax.module_rules import describe, einsum_dimensions, structures_for

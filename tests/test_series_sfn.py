@@ -12,8 +12,8 @@ import importlib
 
 import fop_optax
 
-# fop_optax.series_sfn is the function; the module is reached by name.
-S = importlib.import_module('fop_optax.series_sfn')
+# fop_optax.series_sfn is the function; its module is the private fop_optax._series_sfn.
+S = importlib.import_module('fop_optax._series_sfn')
 
 
 @pytest.fixture
