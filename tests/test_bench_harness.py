@@ -102,7 +102,7 @@ def test_json_has_the_metadata(tmp_path, capsys):
     assert len(m['git']['commit']) == 40
 
 
-def test_no_sys_path_insertion_in_benchmarks_or_examples():
+def test_benchmarks_and_examples_never_edit_the_import_path():
   root = os.path.dirname(os.path.dirname(os.path.abspath(H.__file__)))
   found = []
   for folder in ('benchmarks', 'examples'):
