@@ -6,8 +6,6 @@ leaf kept its sharding, and the largest difference from the same run on one devi
 """
 
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +13,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import fop_optax  # noqa: E402
+import fop_optax  # the installed package (pip install -e .)
 
 PARAMS = {'k': jnp.arange(32.0).reshape(4, 8) / 10, 'b': jnp.ones(8)}
 SPECS = {'k': P(None, 'model'), 'b': P('model')}

@@ -15,8 +15,6 @@ with explicit and with auto axis types:
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import fop_optax  # noqa: E402
+import fop_optax  # the installed package (pip install -e .)
 
 LR = 0.05
 
