@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fop_optax import _linalg
 from fop_optax import structures as structures_lib
 from fop_optax.transform import FopState
 
@@ -43,7 +42,7 @@ def _per_leaf(fn, opt_state, params, structures, rule_kwargs):
   state = find_fop_state(opt_state)
   structs = jax.tree.leaves(structures_lib.resolve_structures(params, structures, **rule_kwargs))
   results = [
-      None if isinstance(s, structures_lib.NoPreconditioner) else fn(s, p, m)
+      fn(s, p, m) if s.preconditions else None
       for s, p, m in zip(structs, jax.tree.leaves(params),
                          jax.tree.leaves(state.preconditioners))]
   return jax.tree.structure(state.preconditioners).unflatten(results)
@@ -61,18 +60,11 @@ def spectra(opt_state, params, structures=None, **rule_kwargs) -> Any:
   """Each leaf's eigenvalues of ``P``, in descending order (a 1-D array).
 
   A leaf with batch axes (:class:`fop_optax.WithDimensions`) has one ``P`` per
-  batch index: their eigenvalues are pooled into the one array.
+  batch index: their eigenvalues are pooled into the one array. Each
+  structure computes its own (:meth:`fop_optax.structures.Structure.spectrum`).
   """
-  def eig(s, p, m):
-    mat = s.matrix(m, tuple(p.shape))
-    if mat.ndim >= 2 and mat.shape[-1] == mat.shape[-2] and not isinstance(
-        s, (structures_lib.Diagonal, structures_lib.Scalar)):
-      flat = mat.reshape((-1,) + mat.shape[-2:])
-      values = jnp.ravel(jax.vmap(_linalg.eigvalsh)(flat))
-    else:
-      values = jnp.ravel(mat)
-    return jnp.sort(values)[::-1]
-  return _per_leaf(eig, opt_state, params, structures, rule_kwargs)
+  return _per_leaf(lambda s, p, m: s.spectrum(m, tuple(p.shape)),
+                   opt_state, params, structures, rule_kwargs)
 
 
 def rotation_angles(opt_state, grads, structures=None, **rule_kwargs) -> Any:
