@@ -18,14 +18,20 @@ backward pass of the model is needed: ``g_t`` is the gradient the optimiser
 receives anyway (Almeida et al., 1998; Baydin et al., 2018). ``w`` is trained
 on it by any optax transformation (the *hyper-optimiser*, Adam by default).
 
+Both this transformation and :func:`fop_optax.scale_by_fop` are instances of
+one online step, :func:`fop_optax.online.online_step` (stored previous input,
+untouched first step, hyper step, learn-every-``k`` gate, projection after the
+hyper step); they differ only in the hypergradient they plug in.
+
 Instances:
 
 * FOP (Moskovitz et al., 2019): ``w`` = one ``M`` per leaf, ``apply_fn`` =
   ``MᵀM·G`` on each leaf's matrix view, ``direction`` = identity. For its
   structures the vector–Jacobian product has a closed form,
-  ``−η M(G_t G_{t-1}ᵀ + G_{t-1} G_tᵀ)``; :func:`fop_optax.scale_by_fop` is that
-  fast path, and ``tests/test_learned.py`` checks that both give the same
-  updates and the same learned matrices.
+  ``−η M(G_t G_{t-1}ᵀ + G_{t-1} G_tᵀ)``; :func:`fop_optax.scale_by_fop` plugs
+  that into the same online step, with its guard as the step's projection, and
+  ``tests/test_learned.py`` and ``tests/test_online.py`` check that both give
+  the same updates and the same learned matrices, with the guard off and on.
 * LODO (Liao et al., 2022): ``w`` = the block-diagonal layers of a deep
   linear network ``A``, ``P = Eᵀ AᵀA E``, ``direction`` = an EMA without bias
   correction: :func:`fop_optax.scale_by_lodo`.
