@@ -87,6 +87,24 @@ def fop(
     update_every: learn ``P`` on every ``k``-th step only (the hypergradient's
       cost paid once in ``k`` steps), see :func:`fop_optax.scale_by_fop`.
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, fop_optax
+    >>> def f(p): return jnp.sum((p['w'] @ jnp.array([1., 2.]) - jnp.array([1., 0., -1.])) ** 2)
+    >>> tx = fop_optax.fop(learning_rate=0.05, momentum=0.9)
+    >>> params = {'w': jnp.zeros((3, 2))}
+    >>> state = tx.init(params)
+    >>> print('f: {:.2E}'.format(f(params)))
+    f: 2.00E+00
+    >>> for _ in range(50):
+    ...   grads = jax.grad(f)(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print('f: {:.2E}'.format(f(params)))
+    f: 9.96E-03
+    >>> lam = fop_optax.diagnostics.spectra(state, params)['w']   # eigenvalues of P
+    >>> print(lam.shape, bool(lam.max() <= 1 + 1e-4))   # the guard: λ_max(P) ≤ max_scale = 1
+    (3,) True
+
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
@@ -122,6 +140,21 @@ def fop_adam(
     b1, b2, eps: as for ``optax.adam``.
     hyper_learning_rate, hyper_optimizer, structures, normalize, max_full_dim,
       rank, skip_nonfinite, max_scale, gamma, update_every: as for :func:`fop`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, fop_optax
+    >>> def f(p): return jnp.sum((p['w'] @ jnp.array([1., 2.]) - jnp.array([1., 0., -1.])) ** 2)
+    >>> tx = fop_optax.fop_adam(learning_rate=0.05)
+    >>> params = {'w': jnp.zeros((3, 2))}
+    >>> state = tx.init(params)
+    >>> print('f: {:.2E}'.format(f(params)))
+    f: 2.00E+00
+    >>> for _ in range(50):
+    ...   grads = jax.grad(f)(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print('f: {:.2E}'.format(f(params)))
+    f: 7.75E-04
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -199,6 +232,21 @@ def sgd_hd(
     skip_nonfinite: skip steps with NaN/Inf gradients.
     STEP_CLIP_DOC
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, fop_optax
+    >>> def f(p): return jnp.sum((p['w'] @ jnp.array([1., 2.]) - jnp.array([1., 0., -1.])) ** 2)
+    >>> tx = fop_optax.sgd_hd(learning_rate=0.01)
+    >>> params = {'w': jnp.zeros((3, 2))}
+    >>> state = tx.init(params)
+    >>> print('f: {:.2E}'.format(f(params)))
+    f: 2.00E+00
+    >>> for _ in range(50):
+    ...   grads = jax.grad(f)(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print('f: {:.2E}'.format(f(params)))
+    f: 1.86E-05
+
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
@@ -241,6 +289,21 @@ def adam_hd(
     per_parameter: older spelling of ``scope='parameter'``.
     skip_nonfinite: skip steps with NaN/Inf gradients.
     STEP_CLIP_DOC
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, fop_optax
+    >>> def f(p): return jnp.sum((p['w'] @ jnp.array([1., 2.]) - jnp.array([1., 0., -1.])) ** 2)
+    >>> tx = fop_optax.adam_hd(learning_rate=0.01)
+    >>> params = {'w': jnp.zeros((3, 2))}
+    >>> state = tx.init(params)
+    >>> print('f: {:.2E}'.format(f(params)))
+    f: 2.00E+00
+    >>> for _ in range(50):
+    ...   grads = jax.grad(f)(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print('f: {:.2E}'.format(f(params)))
+    f: 7.78E-03
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -300,6 +363,21 @@ def lodo(
     architecture, per_leaf, weight_dtype: see :func:`fop_optax.scale_by_lodo`.
     skip_nonfinite: skip steps with NaN/Inf gradients (see
       :func:`fop_optax.skip_nonfinite`).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, fop_optax
+    >>> def f(p): return jnp.sum((p['w'] @ jnp.array([1., 2.]) - jnp.array([1., 0., -1.])) ** 2)
+    >>> tx = fop_optax.lodo(learning_rate=0.05)
+    >>> params = {'w': jnp.zeros((3, 2))}
+    >>> state = tx.init(params)
+    >>> print('f: {:.2E}'.format(f(params)))
+    f: 2.00E+00
+    >>> for _ in range(50):
+    ...   grads = jax.grad(f)(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print('f: {:.2E}'.format(f(params)))
+    f: 1.70E-02
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

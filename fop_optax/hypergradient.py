@@ -216,6 +216,21 @@ def scale_by_hypergradient(
       ``DEFAULT_STEP_CLIP = (−10, 0.1)``; ``(−10, 1)`` was the default before
       (faster growth, knife-edge on Rosenbrock, see docs/hd_rules.md).
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, fop_optax
+    >>> def f(p): return jnp.sum((p['w'] @ jnp.array([1., 2.]) - jnp.array([1., 0., -1.])) ** 2)
+    >>> tx = optax.chain(fop_optax.scale_by_hypergradient(0.01), optax.scale(-1.0))
+    >>> params = {'w': jnp.zeros((3, 2))}
+    >>> state = tx.init(params)
+    >>> print('f: {:.2E}'.format(f(params)))
+    f: 2.00E+00
+    >>> for _ in range(50):
+    ...   grads = jax.grad(f)(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print('f: {:.2E}'.format(f(params)))
+    f: 1.86E-05
+
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`HypergradientState`.
 

@@ -18,8 +18,7 @@ FLAGS = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
 
 # Factories whose docstring has no runnable ``Examples:`` block yet (each removal is checked).
 PENDING: set[str] = {
-    'fop', 'fop_adam', 'scale_by_fop', 'sgd_hd', 'adam_hd', 'scale_by_hypergradient',
-    'scale_by_learned_preconditioner', 'lodo', 'scale_by_lodo',
+    'scale_by_fop', 'scale_by_learned_preconditioner', 'scale_by_lodo',
 }
 
 
