@@ -59,9 +59,7 @@ series that diverged because ``V ≤ λ_max(H²)/2`` and ``uᵀg ≤ 0``), where
 ``f' > f``, or where ``f'`` is not finite, ``λ ← λ/damping_factor``; ``ρ`` is
 then reported as the plain ratio, or ``−∞`` where that is undefined (``M = 0``,
 non-finite ``f'``). A null step (``M = 0`` and ``f' = f``, e.g. ``g = 0``) keeps
-``λ`` and reports ``ρ = 1``. (Before, ``M ≥ 0`` reported ``ρ = 1`` and lowered
-``λ``: on a 10×10 positive-definite quadratic with top eigenvalue 20 and ``V``
-stuck at 100, one step took ``f`` from −28.7 to 3.0e8 and ``λ`` from 1 to 0.9.)
+``λ`` and reports ``ρ = 1`` (see ``CHANGELOG.md``, 0.2.0, for the rule before).
 
 References:
   Oldewage, Clarke and Hernández-Lobato, `Series of Hessian-Vector Products

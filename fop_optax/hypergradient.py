@@ -47,23 +47,14 @@ so no extra forward or backward pass is needed. Three rules use it:
   ``≈ e^{γk²}`` in all. If it must grow by a factor ``R`` to dominate ``h``,
   the rule notices after ``k ≈ √(\ln R/γ)`` steps, with ``α`` already
   ``e^{√(γ \ln R)}`` times the edge. For ``\ln R ≈ 20`` that is 2.7× the
-  edge at ``γ = 0.05`` (the cap before, ``c_+ = 1``: on Rosenbrock from
-  (0, 0), ``α`` peaked at 1.7–3× the starting edge 0.01, the error then grew
-  3–4× per step against a back-off of ``e^{−0.5}`` per step, and whether the
-  iterate ran away, its curvature growing with it, depended on rounding:
-  float32 converged, float64 from ``α_0 = 10^{-3}`` overflowed), but 1.37×
-  at ``γ = 0.005`` (measured: ``α`` peaked at 0.5–0.6× that edge, from
-  ``α_0 = 10^{-4}`` and ``10^{-3}``, in float32 and float64, from 16
-  perturbed starts each). The price is time: ``α`` needs
-  ``\ln(α^*/α_0)/γ`` steps to reach a good ``α^*`` from below, 461 steps per
-  decade (46 before); a too-small ``α`` only costs time, an overshoot can
-  cost the run. Shrinking ``β`` instead would also slow the back-off. Short
-  runs from a too-small ``α_0`` pay for it: on benchmarks/hd_rules.py's
-  digits CNN (440 steps, seed 0) SGD-HD with momentum 0.9 reaches test
-  accuracy 0.128 / 0.875 / 0.936 from ``α_0`` = 1e-4 / 1e-3 / 1e-2 (0.953 /
-  ~0.96 / 0.958 at ``c_+ = 1``; 0.886 / 0.942 / 0.939 at ``c_+ = 0.3``) and
-  Adam-HD 0.933 / 0.956 / 0.964 (0.964 / ~0.97 / 0.981 at ``c_+ = 1``); pass
-  ``step_clip=(−10, 1)`` for such runs.
+  edge at ``γ = 0.05`` (the cap before 0.2.0, ``c_+ = 1``), where whether
+  a run on Rosenbrock converged depended on rounding, but 1.37× at
+  ``γ = 0.005``. The price is time: ``α`` needs ``\ln(α^*/α_0)/γ`` steps to
+  reach a good ``α^*`` from below, 461 steps per decade (46 before); a
+  too-small ``α`` only costs time, an overshoot can cost the run. Shrinking
+  ``β`` instead would also slow the back-off. Short runs from a too-small
+  ``α_0`` pay for it (``docs/hd_rules.md`` has the measurements); pass
+  ``step_clip=(−10, 0.3)`` or ``(−10, 1)`` for such runs.
 
 ``scope`` decides how many step sizes there are: ``'global'`` one for all
 parameters (Baydin et al.'s code; the dot products and norms run over the

@@ -81,9 +81,8 @@ def _announce_let_through(first, let_through, consecutive, skipped, limit):
 
   A ``jax.pure_callback`` (not ``jax.debug.callback``): it has no side effect in
   JAX's sense, so a compiled step that holds it keeps jit's C++ dispatch fast
-  path (measured: no per-step cost while nothing is let through, against
-  0.13-0.18 ms a step for a ``jax.debug.callback`` inside the same ``lax.cond``),
-  and the updates it gates depend on its result, so it runs before the NaNs are
+  path (a ``jax.debug.callback`` inside the same ``lax.cond`` costs every
+  step; ``docs/benchmarks.md``), and the updates it gates depend on its result, so it runs before the NaNs are
   let through. Under ``jax.vmap`` the arguments are batched (see
   :func:`_let_through_gate`): warn only where ``first``.
   """
@@ -106,8 +105,7 @@ def _let_through_gate(first, let_through, consecutive, skipped, limit):
 
   The callback sits in a ``lax.cond`` on ``any(first)``, so it runs only on a step that
   lets NaNs through. Its vmap rule keeps that so: a plain ``lax.cond`` with a batched
-  predicate becomes a select that runs the callback on every step (measured: 30,000
-  vmapped steps of a toy problem went from ~1 s to ~50 s); here the batch is folded into
+  predicate becomes a select that runs the callback on every step; here the batch is folded into
   the arrays and the predicate stays ``any(first)``, a scalar.
   """
   return jax.lax.cond(
@@ -162,9 +160,8 @@ def skip_nonfinite(
     step). Under ``jax.vmap`` the ``lax.cond`` around it becomes a select, so
     the host callback runs (silently) on every step. A compiled step that
     holds a host callback costs more on every call, also where it never
-    fires: 0.13–0.18 ms a step on XLA:CPU (measured on 2 cores, jax 0.10.2,
-    against 0.02–0.05 ms for the same elementwise step without it), which is
-    why the aliases turn it off (:func:`for_alias`);
+    fires (``docs/benchmarks.md``), which is why the aliases turn it off
+    (:func:`for_alias`);
   * with ``max_consecutive_errors=k``, at most ``k`` steps in a row are
     skipped: from the ``k+1``-th consecutive non-finite step on, the update
     and the inner state are let through, NaN and all, as
@@ -243,7 +240,7 @@ def for_alias(tx: optax.GradientTransformation, enabled: bool = True):
   the loss instead of a frozen model that looks healthy, and a
   :class:`NonFiniteLetThroughWarning` says so on that step (a ``jax.pure_callback``
   that runs only then: no per-step cost). There is no ``warn_after`` warning: its
-  ``jax.debug.callback`` cost every step 0.13–0.18 ms on CPU, also where it never fired.
+  ``jax.debug.callback`` costs every step, also where it never fires.
   ``enabled=False`` returns ``tx`` unchanged.
 
   Every alias (:func:`fop_optax.fop`, :func:`fop_optax.fop_adam`,
