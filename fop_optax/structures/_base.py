@@ -5,59 +5,70 @@ dataclass (hashable, comparable, usable as a static pytree leaf) subclassing
 :class:`Structure`, and it provides, for a leaf of ``shape`` with learned state
 ``m`` and gradients ``g`` (now) and ``g_prev`` (the previous step's):
 
-============================  =================================================
-protocol member               what it is
-============================  =================================================
-*state*
-``init(shape, dtype, key)``   ``m`` with ``P = I`` (FOP's first step is the
-                              base optimiser's)
-``memory(shape)``             floats in ``m`` (the size of ``init``'s array)
-*the step*
-``precondition(m, g)``        ``P·g``, ``g``'s shape and dtype
-``hypergradient(m, g,         ``∂J(θ_t)/∂m`` for ``θ_t = θ_{t-1} − η·P(m)·g_prev``
-g_prev, learning_rate)``      and ``g = ∇J(θ_t)`` (exact, one step)
-``hyper_step_scale(shape)``   factor on the default (Adam) hyper step
-*the bound (the guard)*
-``max_scale``                 the guard ``B`` on ``λ_max(P)`` (``None``: none),
-                              set once, by :meth:`Structure.with_bound` during
-                              resolution (a value given explicitly is kept)
-``with_bound(B)``             this structure with ``max_scale = B`` (if unset)
-``clip(m[, max_scale])``      the projection after each hyper step; the bound
-                              defaults to ``self.max_scale``
-``clip_and_precondition(m,    ``(clip(m), precondition(clipped m, g))``,
-max_scale, g)``               sharing their work; ``max_scale=None``: own bound
-*the spectrum*
-``matrix(m, shape)``          ``P`` for diagnostics (``(*batch, a, a)``, or
-                              leaf-shaped when :attr:`elementwise`)
-``spectrum(m, shape)``        ``P``'s eigenvalues, descending, 1-D
-``max_eigenvalue(m)``         ``λ_max`` of the ``P`` applied
-``top_eigen(m)``              ``(λ_max(MᵀM), ∂λ/∂m)`` of the raw ``M``
-*the layout*
-``validate(shape)``           raises ``ValueError`` for a leaf it cannot serve
-``layout(shape)``             :class:`Layout`: rows, batch, columns, ``P``'s
-                              shape, floats (for :func:`fop_optax.describe`)
-``with_row_axes(k)``          the structure reading its rows as a slice's first
-                              ``k`` axes (what :class:`WithDimensions` applies)
-``from_label(**rule)``        the instance a label (``'full'``...) stands for
-*flags (class attributes)*
-``preconditions``             ``False`` only for ``none`` (``P = I``, no state)
-``elementwise``               ``P`` is ``m²`` entrywise (``scalar``,
-                              ``diagonal``): ``matrix`` is leaf-shaped and its
-                              entries are the eigenvalues
-``replicated_state``          ``m`` is pinned replicated under a mesh
-                              (``False``: ``diagonal``'s leaf-shaped ``m``
-                              follows its leaf's sharding)
-``takes_row_axes``            the rows are the leaf's first ``row_axes`` axes,
-                              so ``with_row_axes(k)`` on the whole leaf is the
-                              same view as dimension numbers ``rows=range(k)``
-``needs_rows``                a matrix structure: needs at least one row axis
-============================  =================================================
+*Its state*
+
+* ``init(shape, dtype, key)``: ``m`` with ``P = I`` (FOP's first step is the
+  base optimiser's).
+* ``memory(shape)``: floats in ``m`` (the size of ``init``'s array).
+
+*The step*
+
+* ``precondition(m, g)``: ``P·g``, with ``g``'s shape and dtype.
+* ``hypergradient(m, g, g_prev, learning_rate)``: ``∂J(θ_t)/∂m`` for
+  ``θ_t = θ_{t-1} − η·P(m)·g_prev`` and ``g = ∇J(θ_t)`` (exact, one step).
+* ``hyper_step_scale(shape)``: factor on the default (Adam) hyper step.
+
+*The bound (the guard)*
+
+* ``max_scale``: the guard ``B`` on ``λ_max(P)`` (``None``: none). It travels
+  one way: set once, by ``with_bound`` during resolution (a value given
+  explicitly is kept), and read back by ``clip``.
+* ``with_bound(B)``: this structure with ``max_scale = B`` unless it has one.
+* ``clip(m, max_scale=None)``: the projection after each hyper step; the bound
+  defaults to ``self.max_scale`` (``clip(m, B)`` still takes one explicitly).
+* ``clip_and_precondition(m, max_scale, g)``: ``(clip(m), precondition(clipped
+  m, g))`` sharing their work; ``max_scale=None``: the own bound.
+
+*Its spectrum*
+
+* ``matrix(m, shape)``: ``P`` for diagnostics (``(*batch, a, a)``, or
+  leaf-shaped when ``elementwise``).
+* ``spectrum(m, shape)``: ``P``'s eigenvalues, descending, 1-D (what
+  :func:`fop_optax.diagnostics.spectra` reports).
+* ``max_eigenvalue(m)``: ``λ_max`` of the ``P`` applied.
+* ``top_eigen(m)``: ``(λ_max(MᵀM), ∂λ/∂m)`` of the raw ``M`` (for ``gamma``).
+
+*Its layout*
+
+* ``validate(shape)``: raises ``ValueError`` for a leaf it cannot serve.
+* ``layout(shape)``: a :class:`Layout` (rows, batch, columns, ``P``'s shape,
+  floats) for :func:`fop_optax.describe`.
+* ``with_row_axes(k)``: the structure reading its rows as a slice's first ``k``
+  axes (what :class:`~fop_optax.structures.WithDimensions` applies per slice).
+* ``from_label(**rule_kwargs)``: the instance a label (``'full'``, ...) stands
+  for, given ``max_full_dim``, ``rank``, ``normalize``.
+
+*Flags* (class attributes, read instead of ``isinstance`` checks)
+
+* ``preconditions``: ``False`` only for ``none`` (``P = I``; no diagnostics,
+  no ``gamma`` normalisation).
+* ``elementwise``: ``P`` is ``m²`` entrywise (``scalar``, ``diagonal``):
+  ``matrix`` is leaf-shaped and its entries are the eigenvalues.
+* ``replicated_state``: ``m`` is pinned replicated under a mesh (``False``
+  for ``diagonal``, whose leaf-shaped ``m`` follows its leaf's sharding).
+* ``takes_row_axes``: the rows are the leaf's first ``row_axes`` axes, so
+  ``with_row_axes(k)`` on a whole leaf is the same view as dimension numbers
+  ``rows=range(k)`` (``full``, ``low_rank``).
+* ``needs_rows``: a matrix structure, which needs at least one row axis.
 
 The defaults below serve a structure that only defines ``init``,
 ``precondition``, ``hypergradient`` and ``matrix``: ``memory`` evaluates
 ``init`` abstractly, ``spectrum`` takes the eigenvalues of a square ``matrix``
 (the entries otherwise), ``with_bound`` fills a dataclass field ``max_scale``
-if the structure has one, ``clip`` leaves ``m`` as it is.
+if the structure has one, ``clip`` leaves ``m`` as it is. A structure that
+wants the guard declares ``max_scale: float | None = None`` as a field and reads
+its bound in ``clip`` through ``self._bound(max_scale)``; ``with_bound`` leaves
+one without the field as it is (``max_scale`` stays ``None``: no bound).
 
 A *stack of equal-shaped leaves* is one batched leaf: ``jnp.stack(leaves)``
 preconditioned by :class:`~fop_optax.structures.WithDimensions` with
