@@ -573,6 +573,49 @@ def summary(out: str, names: Sequence[str] | None = None, target: float = 0.89) 
   return '\n'.join(lines)
 
 
+def paired(out: str, base: str = 'momentum', names: Sequence[str] | None = None) -> str:
+  """A markdown table of each optimiser's final test accuracy against ``base``'s, paired by seed.
+
+  Seeds are paired (the same seed initialises the model and orders the data for every
+  optimiser), so the difference is taken per seed first. Mean ± *sample* std (``ddof=1``) over
+  the seeds both finished, and the 95% confidence interval of the mean paired difference from
+  Student's t with ``n − 1`` degrees of freedom; for FOP variants the largest ``λ_max`` and the
+  smallest ``λ_min`` of any leaf's ``P`` at the end (over seeds). An interval that excludes 0 is
+  marked ``*``. Runs not yet finished are left out.
+  """
+  from scipy import stats   # scikit-learn's dependency, in the examples extra
+  records = {rec['optimizer']: rec for rec in _records(out, names) if rec['done']}
+  if base not in records:
+    return f'(no finished {base} run under {out})'
+  final = lambda rec: {h['seed']: h['test_accuracy'][-1] for h in rec['history']['seeds']}
+  ref = final(records[base])
+  lines = [f'| optimiser | seeds | final test acc (mean ± sample std) | − {base}: mean | '
+           '95% CI | λ_max(P) end | λ_min(P) end |', '|' + '---|' * 7]
+  for name, rec in records.items():
+    acc = final(rec)
+    seeds = sorted(set(acc) & set(ref))
+    a = np.array([acc[k] for k in seeds])
+    sd = lambda x: np.std(x, ddof=1) if len(x) > 1 else float('nan')
+    cells = [rec['label'], str(len(seeds)), f'{a.mean():.4f} ± {sd(a):.4f}']
+    if name == base or len(seeds) < 2:
+      cells += ['–', '–']
+    else:
+      d = a - np.array([ref[k] for k in seeds])
+      half = stats.t.ppf(0.975, len(d) - 1) * sd(d) / np.sqrt(len(d))
+      lo, hi = d.mean() - half, d.mean() + half
+      star = '*' if lo > 0 or hi < 0 else ''
+      cells += [f'{d.mean():+.4f}', f'[{lo:+.4f}, {hi:+.4f}]{star}']
+    seeds_h = rec['history']['seeds']
+    if 'lambda_max' in seeds_h[0]:
+      cells.append(f"{max(max(v[-1] for v in h['lambda_max'].values()) for h in seeds_h):.4f}")
+      mins = [v[-1] for h in seeds_h for v in h.get('lambda_min', {}).values() if v and v[-1] is not None]
+      cells.append(f'{min(mins):.4f}' if mins else '–')
+    else:
+      cells += ['–', '–']
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 # --------------------------------------------------------------------------- main
 
 def _seeds(text: str) -> list[int]:
@@ -614,6 +657,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument('--summary', action='store_true',
                       help='print a markdown table of the results under --out (mean ± std over seeds)')
   parser.add_argument('--target', type=float, default=0.89, help='test accuracy for --summary')
+  parser.add_argument('--paired', default=None, metavar='BASE',
+                      help="print each finished run's final test accuracy paired by seed with "
+                           "BASE's (e.g. momentum): mean difference and its 95%% t-interval")
   parser.add_argument('--learned', default=None, metavar='PNG',
                       help="print what the FOP variants' last checkpoints learned (P per leaf and "
                            'seed) and save P − I of the 3×3 convolutions here')
@@ -663,6 +709,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     plot(args.out, args.plot, names)
   if args.summary:
     print(summary(args.out, names, args.target))
+  if args.paired:
+    print(paired(args.out, args.paired, names))
   if args.learned:
     print(learned(args.out, names, args.data_dir, args.learned))
   return results
