@@ -84,6 +84,7 @@ import optax
 from optax._src import numerics
 
 from fop_optax import _checks
+from fop_optax import online
 from fop_optax import structures as structures_lib
 from fop_optax.transform import _check_tree_matches, _matrix_dtype
 
@@ -300,9 +301,11 @@ def scale_by_hypergradient(
       return sums
     return [sum(sums, jnp.zeros((), sums[0].dtype))] if sums else []
 
-  def new_rates(state, updates):
-    alphas = jax.tree.leaves(state.learning_rates)
-    gs, us = jax.tree.leaves(updates), jax.tree.leaves(state.last_direction)
+  def signal(rates, last_direction, updates):
+    """The rule's input from ``g_t`` and ``u_{t-1}``: ``h = g_t·u_{t-1}`` per step size
+    (``−∂J/∂α`` at ``η = 1``), and for the multiplicative rule its cosine."""
+    alphas = jax.tree.leaves(rates)
+    gs, us = jax.tree.leaves(updates), jax.tree.leaves(last_direction)
     if scope == 'global':
       dtypes = [alphas[0].dtype] * len(gs)
     else:
@@ -310,17 +313,25 @@ def scale_by_hypergradient(
     gs = [g.astype(d) for g, d in zip(gs, dtypes)]
     us = [u.astype(d) for u, d in zip(us, dtypes)]
     h = reduce([g * u for g, u in zip(gs, us)])  # g_t · u_{t-1}
+    if rule != 'multiplicative':
+      return h
+    g_norm = [jnp.sqrt(x) for x in reduce([g * g for g in gs])]
+    u_norm = [jnp.sqrt(x) for x in reduce([u * u for u in us])]
+    return [jnp.where(gn * un > 0, hi / jnp.where(gn * un > 0, gn * un, 1), 0)
+            for hi, gn, un in zip(h, g_norm, u_norm)]
+
+  def rule_step(h, hypergradient_sq, rates):
+    """The rule's update of the step sizes (and of the log rule's ``ν``) from the signal."""
+    rate_def = jax.tree.structure(rates)
+    alphas = jax.tree.leaves(rates)
     if rule == 'additive':
-      return [a + hyper_learning_rate * hi for a, hi in zip(alphas, h)], None
+      return rate_def.unflatten([a + hyper_learning_rate * hi for a, hi in zip(alphas, h)]), None
     if rule == 'multiplicative':
-      g_norm = [jnp.sqrt(x) for x in reduce([g * g for g in gs])]
-      u_norm = [jnp.sqrt(x) for x in reduce([u * u for u in us])]
-      cos = [jnp.where(gn * un > 0, hi / jnp.where(gn * un > 0, gn * un, 1), 0)
-             for hi, gn, un in zip(h, g_norm, u_norm)]
-      return [a * (1 + hyper_learning_rate * c) for a, c in zip(alphas, cos)], None
+      return rate_def.unflatten(
+          [a * (1 + hyper_learning_rate * c) for a, c in zip(alphas, h)]), None
     # rule == 'log'
-    rho = jnp.asarray(hypergradient_decay, dtypes[0] if dtypes else jnp.float32)
-    nus = jax.tree.leaves(state.hypergradient_sq)
+    rho = jnp.asarray(hypergradient_decay, alphas[0].dtype if alphas else jnp.float32)
+    nus = jax.tree.leaves(hypergradient_sq)
     out_a, out_nu = [], []
     for a, hi, nu in zip(alphas, h, nus):
       hl = a * hi  # −∂J/∂log α
@@ -332,27 +343,25 @@ def scale_by_hypergradient(
       log_a = jnp.clip(jnp.log(a) + hyper_learning_rate * step, log_a0 - log_r, log_a0 + log_r)
       out_a.append(jnp.exp(log_a).astype(a.dtype))
       out_nu.append(nu.astype(a.dtype))
-    return out_a, out_nu
+    return rate_def.unflatten(out_a), rate_def.unflatten(out_nu)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    _check_tree_matches(_NAME, updates, state.last_direction)
-    rate_def = jax.tree.structure(state.learning_rates)
-    alphas, nus = new_rates(state, updates)
-    rates = rate_def.unflatten(alphas)
-    hyper_sq = None if nus is None else rate_def.unflatten(nus)
-    # The first call has no previous direction to learn from.
-    first = state.count == 0
-    rates, hyper_sq = optax.tree.where(
-        first, (state.learning_rates, state.hypergradient_sq), (rates, hyper_sq))
-
-    directions, inner_state = direction.update(
-        updates, state.inner_state, params, **extra_args)
+  def apply(rates, directions):
+    """``α·u``: each leaf's direction times its step size(s)."""
     dir_leaves = jax.tree.leaves(directions)
     alpha_leaves = jax.tree.leaves(rates)
     if scope == 'global':
       alpha_leaves = alpha_leaves * len(dir_leaves)
-    new_updates = jax.tree.structure(directions).unflatten([
+    return jax.tree.structure(directions).unflatten([
         (a * u.astype(a.dtype)).astype(u.dtype) for a, u in zip(alpha_leaves, dir_leaves)])
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _check_tree_matches(_NAME, updates, state.last_direction)
+    directions, inner_state = direction.update(
+        updates, state.inner_state, params, **extra_args)
+    # The shared online step: the first call has no previous direction to learn from.
+    rates, hyper_sq, new_updates = online.online_step(
+        state.count, state.learning_rates, state.hypergradient_sq, state.last_direction,
+        updates, directions, hypergradient=signal, hyper_step=rule_step, apply=apply)
     return new_updates, HypergradientState(
         count=numerics.safe_increment(state.count),
         learning_rates=rates,
