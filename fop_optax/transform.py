@@ -75,14 +75,8 @@ def _replicate_matrices(structs, ms):
   if jax.sharding.get_abstract_mesh().empty:
     return ms
   replicated = jax.sharding.PartitionSpec()
-  return [m if isinstance(s, structures_lib.Diagonal) else
+  return [m if not s.replicated_state else
           jax.lax.with_sharding_constraint(m, replicated) for s, m in zip(structs, ms)]
-
-
-def _bound(structure, max_scale):
-  """The guard's bound for ``structure``: its own ``max_scale`` field, else the transformation's."""
-  own = getattr(structure, 'max_scale', None)
-  return max_scale if own is None else own
 
 
 def _check_tree_matches(name: str, updates, reference) -> None:
@@ -270,7 +264,7 @@ def scale_by_fop(
     m_def = jax.tree.structure(state.preconditioners)
     gs = jax.tree.leaves(updates)
     def hypergradient(s, m, g, gp):
-      if gamma is None or isinstance(s, structures_lib.NoPreconditioner):
+      if gamma is None or not s.preconditions:
         return s.hypergradient(m, g, gp, eta)
       # J ≈ −η⟨C, P/γ⟩: ∂J/∂M = −(η/γ) ∂⟨C, P⟩/∂M + (η δ ⟨C, P⟩/γ²) ∂λ/∂M, ⟨C, P⟩ = ⟨G_t, P G_p⟩.
       lam, dlam = s.top_eigen(m)
@@ -279,7 +273,7 @@ def scale_by_fop(
       return s.hypergradient(m, g, gp, eta / gam) + (eta * d * cp / gam ** 2) * dlam
 
     def precondition(s, m, g):
-      if gamma is None or isinstance(s, structures_lib.NoPreconditioner):
+      if gamma is None or not s.preconditions:
         return s.precondition(m, g)
       gam, _ = gamma_at(state.count, s.top_eigen(m)[0])
       return (s.precondition(m, g) / gam.astype(m.dtype)).astype(g.dtype)
@@ -288,7 +282,7 @@ def scale_by_fop(
       # The projection of the hyper step and the preconditioning with its result
       # share their work (low rank: one span basis); each structure's own bound
       # (set from max_scale by resolve_structures, or given).
-      bound = _bound(s, max_scale)
+      bound = s.max_scale   # set from max_scale by resolve_structures, or the structure's own
       if bound is None:
         return m, precondition(s, m, g)
       if gamma is not None:   # a structure's own bound under γ: P̃ = clipped P / γ
