@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 import fop_optax  # noqa: E402
-from fop_optax.lodo import preconditioner_matrix  # noqa: E402
+from fop_optax._lodo import preconditioner_matrix  # noqa: E402
 
 BETA = 0.9
 LABELS = {'lodo': 'LODO', 'fop': 'FOP (full P)', 'pphd': 'PP-HD', 'adam': 'Adam',

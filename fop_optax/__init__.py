@@ -7,7 +7,7 @@ from fop_optax import learned
 from fop_optax import one_pass
 from fop_optax import structures
 from fop_optax.learned import LearnedPreconditionerState, scale_by_learned_preconditioner
-from fop_optax.lodo import lodo_preconditioner, scale_by_lodo
+from fop_optax._lodo import lodo_preconditioner, scale_by_lodo
 from fop_optax.one_pass import (OnePassHPOState, OnePassInjectedState, one_pass_hpo,
                                 one_pass_hpo_injected)
 from fop_optax.qlr import QlrState, adam_qlr, scale_by_qlr
@@ -17,7 +17,6 @@ from fop_optax.structures import FopDimensionNumbers, WithDimensions, resolve_st
 from fop_optax.module_rules import describe, einsum_dimensions, structures_for
 from fop_optax.hypergradient import HypergradientState, scale_by_hypergradient
 from fop_optax.transform import FopState, scale_by_fop
-# Last: the alias ``lodo`` must win over the submodule of the same name.
 from fop_optax.alias import adam_hd, fop, fop_adam, lodo, sgd_hd
 
 __version__ = '0.1.0'

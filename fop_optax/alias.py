@@ -17,9 +17,7 @@ from fop_optax import _checks
 from fop_optax import hypergradient
 from fop_optax import nonfinite
 from fop_optax import transform
-# The module fop_optax/lodo.py and this alias share a name: the package attribute
-# ``fop_optax.lodo`` is the alias (bound last in __init__); import from the module.
-from fop_optax.lodo import scale_by_lodo as _scale_by_lodo
+from fop_optax._lodo import scale_by_lodo as _scale_by_lodo
 
 __all__ = ['fop', 'fop_adam', 'sgd_hd', 'adam_hd', 'lodo']
 

@@ -222,3 +222,12 @@ def test_vmap_over_seeds(name):
     expected, _ = _run(name, start, 2)
     test_utils.assert_trees_all_close(jax.tree.map(lambda x: x[k], params), expected,
                                       rtol=2e-5, atol=1e-6)
+
+
+def test_no_module_is_shadowed_by_a_function():
+  """``import fop_optax.<name>`` never finds a module that the function ``fop_optax.<name>``
+  hides (optax.contrib's style: the function's module is private, e.g. ``_lodo``)."""
+  import importlib.util
+  for name in fop_optax.__all__:
+    if inspect.isfunction(getattr(fop_optax, name)):
+      assert importlib.util.find_spec(f'fop_optax.{name}') is None, name

@@ -11,9 +11,8 @@ from optax._src import test_utils
 
 import fop_optax
 
-# ``fop_optax.lodo`` is the alias; the module of the same name is reached through sys.modules.
-import fop_optax.lodo  # noqa: F401  (loads the module)
-L = sys.modules['fop_optax.lodo']
+# ``fop_optax.lodo`` is the alias; its module is the private fop_optax._lodo.
+from fop_optax import _lodo as L
 
 
 @pytest.fixture

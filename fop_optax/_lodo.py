@@ -361,7 +361,7 @@ def scale_by_lodo(
   r"""LODO's preconditioning (Liao et al., 2022): returns ``P(W)·m``, ``P = Eᵀ AᵀA E``.
 
   ``m`` is the EMA ``β m + (1 − β) g`` of the gradients (no bias correction)
-  and ``P`` the learned network of :mod:`fop_optax.lodo`, trained online by
+  and ``P`` the learned network of this module, trained online by
   ``meta_optimizer`` on the exact one-step hypergradient. Place it before the
   step that applies the learning rate (the alias :func:`fop_optax.lodo` does)::
 
