@@ -231,3 +231,17 @@ def test_no_module_is_shadowed_by_a_function():
   for name in fop_optax.__all__:
     if inspect.isfunction(getattr(fop_optax, name)):
       assert importlib.util.find_spec(f'fop_optax.{name}') is None, name
+
+
+def test_a_checkpoint_of_another_state_layout_is_refused(tmp_path):
+  """CHANGELOG's promise: restoring a state into another layout raises, naming the keys."""
+  ocp = pytest.importorskip('orbax.checkpoint')
+  params = _params()
+  written = REGISTRY['fop'].make(LR).init(params)
+  other = REGISTRY['fop_adam'].make(LR).init(params)   # another layout of the same params
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / 'ckpt', written)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, other)
+  with pytest.raises(ValueError, match='tree structures do not match'):
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.restore(tmp_path / 'ckpt', abstract)
