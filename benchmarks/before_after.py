@@ -15,6 +15,7 @@ versions after the timed steps are compared (max abs difference).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -49,8 +50,15 @@ def load_revision(rev: str, name: str = 'fop_optax_before'):
           text = f.read()
         with open(path, 'w') as f:
           f.write(re.sub(r'\bfop_optax\b', name, text))
-  sys.path.append(folder)   # this process only: the old copy under its own name
-  return importlib.import_module(name)
+  # Loaded from its folder by a spec (nothing added to sys.path); its submodules are found
+  # through the package's __path__.
+  package = os.path.join(folder, name)
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(package, '__init__.py'), submodule_search_locations=[package])
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
 
 
 MODELS = {   # name -> ((init, apply, make_inputs), batch): benchmarks.overhead's models
