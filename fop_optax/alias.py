@@ -93,12 +93,14 @@ def fop(
     >>> state = tx.init(params)
     >>> print('f: {:.2E}'.format(f(params)))
     f: 2.00E+00
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = tx.update(jax.grad(f)(params), state, params)
+    ...   return optax.apply_updates(params, updates), state
     >>> for _ in range(50):
-    ...   grads = jax.grad(f)(params)
-    ...   updates, state = tx.update(grads, state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> print('f: {:.2E}'.format(f(params)))
-    f: 9.96E-03
+    ...   params, state = step(params, state)
+    >>> print(bool(f(params) < 0.03))   # down from 2.0 (9.96E-03 on one machine)
+    True
     >>> lam = fop_optax.diagnostics.spectra(state, params)['w']   # eigenvalues of P
     >>> print(lam.shape, bool(lam.max() <= 1 + 1e-4))   # the guard: λ_max(P) ≤ max_scale = 1
     (3,) True
@@ -147,12 +149,14 @@ def fop_adam(
     >>> state = tx.init(params)
     >>> print('f: {:.2E}'.format(f(params)))
     f: 2.00E+00
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = tx.update(jax.grad(f)(params), state, params)
+    ...   return optax.apply_updates(params, updates), state
     >>> for _ in range(50):
-    ...   grads = jax.grad(f)(params)
-    ...   updates, state = tx.update(grads, state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> print('f: {:.2E}'.format(f(params)))
-    f: 7.75E-04
+    ...   params, state = step(params, state)
+    >>> print(bool(f(params) < 0.002))   # down from 2.0 (7.75E-04 on one machine)
+    True
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -238,12 +242,14 @@ def sgd_hd(
     >>> state = tx.init(params)
     >>> print('f: {:.2E}'.format(f(params)))
     f: 2.00E+00
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = tx.update(jax.grad(f)(params), state, params)
+    ...   return optax.apply_updates(params, updates), state
     >>> for _ in range(50):
-    ...   grads = jax.grad(f)(params)
-    ...   updates, state = tx.update(grads, state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> print('f: {:.2E}'.format(f(params)))
-    f: 1.86E-05
+    ...   params, state = step(params, state)
+    >>> print(bool(f(params) < 6e-05))   # down from 2.0 (1.86E-05 on one machine)
+    True
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -296,12 +302,14 @@ def adam_hd(
     >>> state = tx.init(params)
     >>> print('f: {:.2E}'.format(f(params)))
     f: 2.00E+00
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = tx.update(jax.grad(f)(params), state, params)
+    ...   return optax.apply_updates(params, updates), state
     >>> for _ in range(50):
-    ...   grads = jax.grad(f)(params)
-    ...   updates, state = tx.update(grads, state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> print('f: {:.2E}'.format(f(params)))
-    f: 7.78E-03
+    ...   params, state = step(params, state)
+    >>> print(bool(f(params) < 0.02))   # down from 2.0 (7.78E-03 on one machine)
+    True
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -370,12 +378,14 @@ def lodo(
     >>> state = tx.init(params)
     >>> print('f: {:.2E}'.format(f(params)))
     f: 2.00E+00
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = tx.update(jax.grad(f)(params), state, params)
+    ...   return optax.apply_updates(params, updates), state
     >>> for _ in range(50):
-    ...   grads = jax.grad(f)(params)
-    ...   updates, state = tx.update(grads, state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> print('f: {:.2E}'.format(f(params)))
-    f: 1.70E-02
+    ...   params, state = step(params, state)
+    >>> print(bool(f(params) < 0.05))   # down from 2.0 (1.70E-02 on one machine)
+    True
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

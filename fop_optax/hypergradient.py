@@ -216,12 +216,14 @@ def scale_by_hypergradient(
     >>> state = tx.init(params)
     >>> print('f: {:.2E}'.format(f(params)))
     f: 2.00E+00
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = tx.update(jax.grad(f)(params), state, params)
+    ...   return optax.apply_updates(params, updates), state
     >>> for _ in range(50):
-    ...   grads = jax.grad(f)(params)
-    ...   updates, state = tx.update(grads, state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> print('f: {:.2E}'.format(f(params)))
-    f: 1.86E-05
+    ...   params, state = step(params, state)
+    >>> print(bool(f(params) < 6e-05))   # down from 2.0 (1.86E-05 on one machine)
+    True
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`HypergradientState`.

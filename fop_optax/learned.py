@@ -169,6 +169,26 @@ def scale_by_learned_preconditioner(
       preconditioner's input ``u_t``; default ``optax.identity()``.
       ``optax.ema(β, debias=False)`` gives LODO's momentum.
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, fop_optax
+    >>> def f(p): return jnp.sum((p['w'] @ jnp.array([1., 2.]) - jnp.array([1., 0., -1.])) ** 2)
+    >>> apply_fn = lambda w, u: jax.tree.map(lambda x: w * x, u)   # P(w) = w·I
+    >>> init_fn = lambda params: jnp.ones(())
+    >>> tx = optax.chain(
+    ...     fop_optax.scale_by_learned_preconditioner(apply_fn, init_fn, 0.05, optax.sgd(0.01)),
+    ...     optax.sgd(0.05))
+    >>> params = {'w': jnp.zeros((3, 2))}
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = tx.update(jax.grad(f)(params), state, params)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(50):
+    ...   params, state = step(params, state)
+    >>> print(bool(f(params) < 1e-6), '{:.2f}'.format(state[0].preconditioner_params))
+    True 1.01
+
+
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`LearnedPreconditionerState`.

@@ -17,9 +17,7 @@ MODULES = sorted(
 FLAGS = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
 
 # Factories whose docstring has no runnable ``Examples:`` block yet (each removal is checked).
-PENDING: set[str] = {
-    'scale_by_fop', 'scale_by_learned_preconditioner', 'scale_by_lodo',
-}
+PENDING: set[str] = set()
 
 
 def _tests(module_name):

@@ -15,16 +15,8 @@ import fop_optax
 from fop_optax import _lodo as L
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
-def _loss(params):
-  leaves = jax.tree.leaves(params)
-  total = sum(jnp.sum(jnp.sin(x + 0.3 * i) ** 2 + 0.1 * x ** 4) for i, x in enumerate(leaves))
-  return total + 0.5 * jnp.sum(leaves[0]) * jnp.sum(leaves[-1])
+# The nonconvex loss of tests/test_learned.py, shared.
+from test_learned import _loss, x64  # noqa: E402,F401  (x64 is a fixture)
 
 
 def _dense_p(w, n, b, seed=0, stream=0):

@@ -22,24 +22,8 @@ STEPS = 6
 ETA = 0.05
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
-def _loss(params):
-  # Nonconvex and coupling the leaves, so that every hypergradient is non-trivial.
-  leaves = jax.tree.leaves(params)
-  total = sum(jnp.sum(jnp.sin(x + 0.3 * i) ** 2 + 0.1 * x ** 4) for i, x in enumerate(leaves))
-  return total + 0.5 * jnp.sum(leaves[0]) * jnp.sum(leaves[-1])
-
-
-def _params(dtype=jnp.float64):
-  key = jax.random.key(0)
-  shapes = {'conv': (3, 3, 2, 3), 'dense': (5, 4), 'big': (12, 3), 'vec': (6,)}
-  return {k: jax.random.normal(jax.random.fold_in(key, i), s, dtype)
-          for i, (k, s) in enumerate(shapes.items())}
+# The problem of tests/test_learned.py (FOP ≡ the learned path there too), shared.
+from test_learned import _loss, _params, x64  # noqa: E402,F401  (x64 is a fixture)
 
 
 STRUCTURES = {

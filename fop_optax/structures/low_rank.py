@@ -96,8 +96,8 @@ class LowRank(Structure):
     directions with ``P = I``. ``[U, V] = Q T`` with ``T = R·diag(‖column‖)``, so every
     other small matrix of the guard comes from ``T`` without another pass over the
     (a×2r) factors. ``k = 2r``, or ``Q = I`` (``k = a``) when ``2r ≥ a``.
-    (CGS2 in a ``fori_loop`` took 0.5–1 ms for a 1024×16 matrix on XLA:CPU, where
-    each iteration's small products pay a fixed cost; the QR takes 0.15–0.3 ms.)
+    (A QR rather than Gram–Schmidt in a loop, whose small products each pay a fixed
+    cost per iteration on CPU; ``docs/benchmarks.md`` has the timings.)
     """
     b = jnp.concatenate([m[0], m[1]], axis=1)
     if b.shape[1] >= b.shape[0]:   # span(U, V) may be everything: take Q = I

@@ -36,12 +36,11 @@ _BY_NAME = _REGISTRY
 STRUCTURE_NAMES: tuple[str, ...] = structure_names()
 
 
-# Rows up to which the default rule takes a full M: the measured step-cost crossover with
-# rank-8 low rank (docs/benchmarks.md §6: full 1.62/2.08/2.30/4.84 x momentum at 16/32/64/128
-# rows, low rank 1.85/2.29/1.74/2.05), at equal accuracy on digits.
+# Rows up to which the default rule takes a full M: where a full M's step stops being cheaper
+# than rank-8 low rank's, at equal accuracy (docs/benchmarks.md §6 has the measurements).
 DEFAULT_MAX_FULL_DIM = 32
 # The guard's default bound on λ_max(P): FOP never lengthens the base step along any
-# direction (measured in docs/stability.md: larger bounds degrade or wreck long runs).
+# direction (docs/stability.md: larger bounds degraded or wrecked long runs).
 DEFAULT_MAX_SCALE = 1.0
 # Most kernel taps (product of the axes before (in, out)) read as a convolution.
 MAX_SPATIAL_TAPS = 64
