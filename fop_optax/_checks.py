@@ -125,3 +125,23 @@ def require_closures(where: str, closures: dict[str, Any], usage: str,
   for name in (closures if callables is None else callables):
     if not callable(closures[name]):
       raise TypeError(f'{where}: {name} must be a callable, got {closures[name]!r}')
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1, allow_none: bool = False,
+              where: str = '') -> None:
+  """Checks a Python-int argument that sets a shape or a count (not a traced array).
+
+  Raises:
+    ValueError: ``value`` is not an int (``bool`` excluded) ``>= minimum`` (or ``None`` where
+      allowed). A ``jax.Array`` (what ``optax.inject_hyperparams`` makes of a number it was
+      not told to keep static) gets the hint to name it in ``static_args``.
+  """
+  if allow_none and value is None:
+    return
+  if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum:
+    return
+  hint = (' (under optax.inject_hyperparams, name it in static_args: it sets the shape of the '
+          'computation)' if isinstance(value, jax.Array) else '')
+  prefix = f'{where}: ' if where else ''
+  none = 'None or ' if allow_none else ''
+  raise ValueError(f'{prefix}{name} must be {none}an int >= {minimum}, got {value!r}{hint}')

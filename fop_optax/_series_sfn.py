@@ -280,10 +280,7 @@ def series_sfn(
   for name, value, low in (('num_terms', num_terms, 1),
                            ('acceleration_order', acceleration_order, 0),
                            ('power_iterations', power_iterations, 1)):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-      hint = (' (under optax.inject_hyperparams, name it in static_args: it sets the shape '
-              'of the computation)' if isinstance(value, jax.Array) else '')
-      raise ValueError(f'{where}: {name} must be an int >= {low}, got {value!r}{hint}')
+    _checks.check_int(name, value, minimum=low, where=where)
   if num_terms < 2 * acceleration_order + 1:
     raise ValueError(
         f'{where}: acceleration_order={acceleration_order} needs num_terms >= '

@@ -226,8 +226,7 @@ def _scale_by_learned(
   if hyper_optimizer is None:
     hyper_optimizer = optax.adam(DEFAULT_HYPER_LEARNING_RATE)
   direction = optax.with_extra_args_support(direction or optax.identity())
-  if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-    raise ValueError(f'{_NAME}: update_every must be an int >= 1, got {update_every!r}')
+  _checks.check_int('update_every', update_every, where=_NAME)
 
   def init(params):
     def check(path, p):

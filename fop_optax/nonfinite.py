@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import numbers
 import warnings
 from typing import NamedTuple, Optional
 
@@ -11,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from fop_optax import _checks
 
 __all__ = ['SkipNonFiniteState', 'skip_nonfinite', 'NonFiniteStepsWarning',
            'NonFiniteLetThroughWarning', 'for_alias']
@@ -191,10 +192,8 @@ def skip_nonfinite(
   """
   for name, value in (('max_consecutive_errors', max_consecutive_errors),
                       ('warn_after', warn_after)):
-    if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
-                              or value < (0 if name == 'max_consecutive_errors' else 1)):
-      bound = '>= 0' if name == 'max_consecutive_errors' else '>= 1'
-      raise ValueError(f'skip_nonfinite: {name} must be None or an int {bound}, got {value!r}')
+    _checks.check_int(name, value, minimum=0 if name == 'max_consecutive_errors' else 1,
+                      allow_none=True, where='skip_nonfinite')
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):

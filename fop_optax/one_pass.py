@@ -266,8 +266,7 @@ def one_pass_hpo(
     raise ValueError(f'{_NAME}: per_parameter names {not_learned} are not in learn={learn}; '
                      'only learned hyperparameters can be per-parameter')
   for name, value in (('period', period), ('neumann_terms', neumann_terms)):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-      raise ValueError(f'{_NAME}: {name} must be an int >= 1, got {value!r}')
+    _checks.check_int(name, value, where=_NAME)
   for name, value in (('learning_rate', learning_rate), ('momentum', momentum),
                       ('weight_decay', weight_decay)):
     if callable(value):
@@ -563,8 +562,7 @@ def one_pass_hpo_injected(
   if bad:
     raise ValueError(f'{name}: unknown coordinates {bad}; expected one of {_TRANSFORMS}')
   for arg, value in (('period', period), ('neumann_terms', neumann_terms)):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-      raise ValueError(f'{name}: {arg} must be an int >= 1, got {value!r}')
+    _checks.check_int(arg, value, where=name)
   _checks.check_number('hyper_learning_rate', hyper_learning_rate, allow_zero=True, where=name)
   if hyper_optimizer is None:
     hyper_optimizer = optax.adam(hyper_learning_rate)

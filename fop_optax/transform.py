@@ -242,9 +242,7 @@ def scale_by_fop(
     if not p_inf > 0:
       raise ValueError(f'gamma: p_∞ must be > 0, got {p_inf}')
     max_scale = None   # P̃ = P/γ: the raw P is learned unclipped
-  if update_every is not None and (not isinstance(update_every, numbers.Integral)
-                                   or isinstance(update_every, bool) or update_every < 1):
-    raise ValueError(f'update_every must be None or an int >= 1, got {update_every!r}')
+  _checks.check_int('update_every', update_every, allow_none=True, where='scale_by_fop')
   every = 1 if update_every is None else int(update_every)
   rule = dict(max_full_dim=max_full_dim, rank=rank, normalize=normalize, max_scale=max_scale)
 
