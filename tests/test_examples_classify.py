@@ -63,14 +63,36 @@ def test_pool_images_averages_blocks():
       common.pool_images(data, k)
 
 
-def test_demo_trains_and_saves_plot(tmp_path):
-  results = demo.main(['--epochs', '1', '--no-progress', '--out', str(tmp_path)])
+def test_demo_trains_and_saves_plot(tmp_path, capsys):
+  results = demo.main(['--epochs', '1', '--seeds', '2', '--no-progress', '--out', str(tmp_path)])
   assert (tmp_path / 'demo.png').stat().st_size > 0
   saved = json.loads((tmp_path / 'demo.json').read_text())
-  assert set(saved['runs']) == {'momentum', 'fop'}
-  for run in results.values():
-    assert math.isfinite(run['train_loss'][0]) and run['train_loss'][0] < 2.3
-  assert results['fop']['test_accuracy'][0] > 0.3  # chance is 0.1
+  assert set(saved['runs']) == {'momentum', 'fop'} and saved['seeds'] == [0, 1]
+  for runs in results.values():
+    assert [r['seed'] for r in runs] == [0, 1]
+    for run in runs:
+      assert math.isfinite(run['train_loss'][0]) and run['train_loss'][0] < 2.3
+  assert min(r['test_accuracy'][0] for r in results['fop']) > 0.3  # chance is 0.1
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert last.startswith('verdict: ') and last == saved['verdict']
+
+
+def test_demo_verdict_from_paired_seeds():
+  """The verdict line's arithmetic on synthetic finals (no training)."""
+  level = demo.verdict({'fop': [0.95, 0.96, 0.97], 'momentum': [0.96, 0.97, 0.99]})
+  assert level.startswith('verdict: momentum ended higher by 1.3 points (FOP+momentum 0.960 ± 0.010, '
+                          'momentum 0.973 ± 0.015 over 3 seeds; ')
+  # paired differences −1, −1, −2 points: mean −1.33, sd 0.577, t(0.975, 2) = 4.303 -> ±1.43
+  assert 'paired difference FOP+momentum − momentum −1.3 points, 95% CI [−2.8, +0.1]' in level
+  assert level.endswith("not larger than the seeds' spread (the interval includes 0)")
+  ahead = demo.verdict({'fop': [0.97, 0.98, 0.976], 'momentum': [0.95, 0.96, 0.955]})
+  assert ahead.startswith('verdict: FOP+momentum ended higher by 2.0 points')
+  assert ahead.endswith("larger than the seeds' spread (the interval excludes 0)")
+  assert 'not larger' not in ahead
+  one = demo.verdict({'fop': [0.9], 'momentum': [0.9]})
+  assert one.startswith('verdict: both ended level') and 'one seed has no spread' in one
+  with pytest.raises(ValueError, match='one final value per seed'):
+    demo.verdict({'fop': [0.9, 0.8], 'momentum': [0.9]})
 
 
 def test_classify_outputs(tmp_path):
