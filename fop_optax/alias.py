@@ -70,7 +70,7 @@ def fop(
       and the hypergradient).
     momentum: ``α``; ``None`` or ``0`` for plain SGD.
     nesterov: Nesterov momentum.
-    hyper_learning_rate: Adam learning rate for the ``M``s (the paper used 1e-4).
+    hyper_learning_rate: Adam learning rate for the ``M`` matrices (the paper used 1e-4).
     hyper_optimizer: replaces ``optax.adam(hyper_learning_rate)``.
     structures: per-leaf structures, see :func:`fop_optax.scale_by_fop`.
     normalize: FOP-norm (``P`` only rotates).
@@ -138,8 +138,8 @@ def fop_adam(
   Args:
     learning_rate: a float or an optax schedule.
     b1, b2, eps: as for ``optax.adam``.
-    hyper_learning_rate, hyper_optimizer, structures, normalize, max_full_dim,
-      rank, skip_nonfinite, max_scale, gamma, update_every: as for :func:`fop`.
+    hyper_learning_rate, hyper_optimizer, structures, normalize: as for :func:`fop`.
+    max_full_dim, rank, skip_nonfinite, max_scale, gamma, update_every: as for :func:`fop`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, fop_optax

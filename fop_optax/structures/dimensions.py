@@ -133,7 +133,7 @@ class WithDimensions(Structure):
 
   @property
   def elementwise(self) -> bool:
-    """The inner structure's: an elementwise ``P`` is reported in the leaf's layout."""
+    """The inner structure's (an elementwise ``P`` is reported in the leaf's layout)."""
     return self.inner.elementwise
 
   def _split(self, shape: Shape):
