@@ -150,8 +150,8 @@ def scale_by_fop(
       would change up to ``a/9`` times faster than the 3×3 spatial matrices
       the paper tuned 1e-4 on (and run away on wide dense layers); 3×3 conv
       kernels, scalar and diagonal forms are unchanged.
-    hyper_optimizer: any optax transformation used to train the ``M``s (its
-      ``params`` are the ``M``s; it sees the hypergradients as gradients).
+    hyper_optimizer: any optax transformation used to train the ``M`` matrices (its
+      ``params`` are the ``M`` matrices; it sees the hypergradients as gradients).
     structures: which preconditioner each leaf gets: ``None`` for the default
       rule, a label (``'auto'``, ``'none'``, ``'scalar'``, ``'diagonal'``,
       ``'full'``, ``'spatial'``, ``'low_rank'``) or a
@@ -165,7 +165,7 @@ def scale_by_fop(
     normalize: FOP-norm for structures chosen by the default rule or by label:
       ``P`` is divided by its spectral norm ``‖P‖₂`` (the paper's Theorem 1), so
       no direction's step is ever lengthened; FOP-norm only rotates and shortens.
-    matrix_dtype: dtype of the ``M``s; default float32 (float64 for float64 leaves).
+    matrix_dtype: dtype of the ``M`` matrices; default float32 (float64 for float64 leaves).
     seed: seeds the random orthonormal ``U`` that low-rank preconditioners start from
       (default 0).
     max_scale: the guard ``B`` (default 1): the largest eigenvalue of every
