@@ -92,6 +92,7 @@ _OUTSIDE = (
     r'builtins', r'functools', r'enum', r'dataclasses', r'types', r'warnings',
     r'math', r're', r'os', r'pathlib', r'orbax', r'ml_dtypes', r'equinox',
 )
+_OUTSIDE_NAMES = {n.replace('\\', '') for n in _OUTSIDE}
 nitpick_ignore_regex = [
     (r'py:.*', r'(%s)(\..*)?' % '|'.join(_OUTSIDE)),
     # bare names that come from type hints and napoleon's "Args" types
@@ -198,6 +199,44 @@ def _copy_mathjax(app, exception):
     logger.info('fop_optax docs: copied MathJax from %s to %s', MATHJAX_SRC, dest)
 
 
+def _resolve_inside_package(app, env, node, contnode):
+    """Resolve a reference to a fop_optax object written by its short or defining name.
+
+    Docstrings say ``:class:`Structure``` (inside ``fop_optax.structures``) or
+    ``:func:`fop_optax.structures.resolve_structures``` while the page documents
+    the object under another of its import paths (``fop_optax.resolve_structures``).
+    A reference that did not resolve is retried against the documented
+    ``fop_optax`` objects whose dotted name ends with the same one or two
+    components; it resolves only when exactly one object matches, so a reference
+    to something undocumented (or outside the package) still fails.
+    """
+    if node.get('refdomain') != 'py':
+        return None
+    target = node.get('reftarget', '').lstrip('.~')
+    if not target or target.split('.')[0] in _OUTSIDE_NAMES:
+        return None
+    domain = env.get_domain('py')
+    objects = domain.objects
+    parts = target.split('.')
+    # the shortest suffix that could identify the object (method: Class.method)
+    for width in (2, 1):
+        if len(parts) < width:
+            continue
+        tail = '.' + '.'.join(parts[-width:])
+        found = {}
+        for name, entry in objects.items():
+            if name.startswith('fop_optax.') and (name.endswith(tail)) and not entry.aliased:
+                found[(entry.docname, entry.node_id)] = name
+        if len(found) == 1:
+            full = next(iter(found.values()))
+            return domain.resolve_xref(env, node.get('refdoc', ''), app.builder,
+                                       node.get('reftype'), full, node, contnode)
+        if len(found) > 1:
+            return None
+    return None
+
+
 def setup(app):
     app.connect('build-finished', _copy_mathjax)
+    app.connect('missing-reference', _resolve_inside_package)
     return {'parallel_read_safe': True, 'parallel_write_safe': True}
