@@ -29,10 +29,9 @@ product ``H²g``) but only a *lower* bound on ``λ_max(H²)``: the series
 diverges where ``λ_max(H²) ≥ 2V``. ``scale='power_iteration'`` runs
 ``power_iterations`` warm-started power iterations on ``H²`` per step
 (``2·power_iterations`` more HVPs) and takes ``V_t = scale_margin·v̂ᵀH²v̂``
-(the Rayleigh quotient; ``V_{t−1}`` where it is 0), not kept non-decreasing.
-On Rosenbrock from a random start the bound gave ``V = 1.1e5`` where
-``λ_max(H²) = 1.2e6`` and the first step went to ``1e15``; the power
-iteration's ``V`` was within 15% of the top (see docs/curvature.md).
+(the Rayleigh quotient; ``V_{t−1}`` where it is 0), not kept non-decreasing:
+an estimate of ``λ_max(H²)`` itself rather than a lower bound, so it is the
+safe scale where ``‖H²g‖/‖g‖`` underestimates the top eigenvalue.
 
 Step: with ``u`` the (accelerated) series, the previous step ``δ`` and a
 buffer ``b ≈ Cδ`` of the curvature ``C`` the series implies (``Cu = g``),
