@@ -124,8 +124,8 @@ def hvp_fn(fun: Callable[[Any], jax.Array], params, *, mode: str = 'forward'):
     mode: ``'forward'`` (forward-over-reverse, ``jax.linearize`` of the
       gradient) or ``'reverse'`` (reverse-over-reverse: the VJP of the gradient,
       ``vᵀH = (Hv)ᵀ`` since ``H`` is symmetric; it keeps the backward pass's
-      residuals in memory, and is the cheaper of the two on XLA:CPU for
-      one-pass HPO's Neumann series).
+      residuals in memory; :mod:`fop_optax.one_pass` uses it for its
+      Neumann series).
 
   Returns:
     ``(∇f(θ), hvp)`` with ``hvp(v) = ∇²f(θ)·v`` shaped like ``params``.
