@@ -50,8 +50,8 @@ def _all_finite(tree) -> jax.Array:
   """Whether every floating-point entry of ``tree`` is finite: one fused reduction per leaf.
 
   ``Σ (x − x)`` is 0 when every ``x`` is finite and NaN otherwise (``Inf − Inf`` is NaN), and
-  it cannot overflow; XLA reads each leaf once. (``jnp.all(jnp.isfinite(x))`` wrote
-  a boolean copy of each leaf first on XLA:CPU: two passes.) Integer leaves are finite.
+  it cannot overflow; XLA reads each leaf once (``jnp.all(jnp.isfinite(x))`` may write
+  a boolean copy of each leaf first: two passes). Integer leaves are finite.
   """
   sums = [jnp.sum(x - x, dtype=jnp.promote_types(x.dtype, jnp.float32))
           for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
@@ -83,7 +83,7 @@ def _announce_let_through(first, let_through, consecutive, skipped, limit):
   A ``jax.pure_callback`` (not ``jax.debug.callback``): it has no side effect in
   JAX's sense, so a compiled step that holds it keeps jit's C++ dispatch fast
   path (a ``jax.debug.callback`` inside the same ``lax.cond`` costs every
-  step; ``docs/benchmarks.md``), and the updates it gates depend on its result, so it runs before the NaNs are
+  step), and the updates it gates depend on its result, so it runs before the NaNs are
   let through. Under ``jax.vmap`` the arguments are batched (see
   :func:`_let_through_gate`): warn only where ``first``.
   """
@@ -161,7 +161,7 @@ def skip_nonfinite(
     step). Under ``jax.vmap`` the ``lax.cond`` around it becomes a select, so
     the host callback runs (silently) on every step. A compiled step that
     holds a host callback costs more on every call, also where it never
-    fires (``docs/benchmarks.md``), which is why the aliases turn it off
+    fires, which is why the aliases turn it off
     (:func:`for_alias`);
   * with ``max_consecutive_errors=k``, at most ``k`` steps in a row are
     skipped: from the ``k+1``-th consecutive non-finite step on, the update
