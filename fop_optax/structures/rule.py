@@ -196,8 +196,8 @@ def default_structure(shape: Shape, role: str = 'other', *, max_full_dim: int | 
     shape: the leaf's shape.
     role: what the leaf is, one of ``ROLES`` (:func:`leaf_role`); ``'other'``
       (the default) applies the shape-only rule.
-    max_full_dim: largest row count that gets a dense ``M`` (default 32: above it
-      low rank is the cheaper step on CPU, docs/benchmarks.md §6).
+    max_full_dim: largest row count that gets a dense ``M`` (default 32,
+      ``DEFAULT_MAX_FULL_DIM``; above it ``low_rank``).
     rank: rank of ``low_rank`` (default 8).
     normalize: FOP-norm for the structure chosen.
   """
