@@ -97,7 +97,7 @@ class LowRank(Structure):
     other small matrix of the guard comes from ``T`` without another pass over the
     (a×2r) factors. ``k = 2r``, or ``Q = I`` (``k = a``) when ``2r ≥ a``.
     (A QR rather than Gram–Schmidt in a loop, whose small products each pay a fixed
-    cost per iteration on CPU; ``docs/benchmarks.md`` has the timings.)
+    cost per iteration.)
     """
     b = jnp.concatenate([m[0], m[1]], axis=1)
     if b.shape[1] >= b.shape[0]:   # span(U, V) may be everything: take Q = I
