@@ -1,13 +1,13 @@
-"""Symmetric eigensolvers and Cholesky that never run as batched LAPACK calls on XLA:CPU.
+"""Symmetric eigensolvers, Cholesky and QR that never run as batched LAPACK calls on XLA:CPU.
 
 Under ``jax.vmap`` (one optimiser state per seed or ensemble member) JAX turns
-``jnp.linalg.eigh`` into one batched LAPACK call, which on XLA:CPU splits its
-batch over the intra-op thread pool (``ParallelBatchMap``) and blocks until the
-pieces are done. When every worker of that pool is itself running such a call,
-nobody is left to run the pieces and the program deadlocks: seen with jax 0.10.2
-on 2 cores, where a vmapped PPO run with FOP's guard hung for good (native stacks:
-both ``tf_XLAEigen`` workers in ``lapack_ssyevd_ffi`` → ``ParallelBatchMap`` →
-``BlockingCounter::Wait``; ``--xla_cpu_multi_thread_eigen=false`` does not help).
+``jnp.linalg.eigh`` (likewise ``cholesky`` and ``qr``) into one batched LAPACK
+call, which on XLA:CPU splits its batch over the intra-op thread pool
+(``ParallelBatchMap``) and blocks until the pieces are done. When every worker
+of that pool is itself running such a call, nobody is left to run the pieces
+and the program deadlocks (``--xla_cpu_multi_thread_eigen=false`` does not
+avoid it; the troubleshooting page of the docs has the symptoms and a
+reproducer).
 
 The functions here batch by a loop instead (``jax.lax.map``: one unbatched
 LAPACK call per member, which runs inline) on CPU, and as usual on other
