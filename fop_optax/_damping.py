@@ -31,9 +31,8 @@ without end: a *null step*, ``M = 0`` and ``f' = f`` exactly (e.g. ``g = 0``,
 so the step is zero), carries no information; ``λ`` is kept (still floored)
 and ``ρ`` is reported as 1, the value the methods' states start with.
 
-Before this controller the two methods reported ``ρ = 1`` wherever ``M ≥ 0``,
-and so *lowered* ``λ`` after a step the model had not predicted, e.g. a
-diverged series whose step raised the loss from −28.7 to 3.0e8.
+(Before 0.2.0 the two methods reported ``ρ = 1`` wherever ``M ≥ 0``, and so
+*lowered* ``λ`` after a step the model had not predicted; see the changelog.)
 
 References:
   Moré, `The Levenberg-Marquardt algorithm: implementation and theory
