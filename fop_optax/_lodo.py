@@ -45,7 +45,7 @@ are replicated (the network mixes every coordinate with every other).
 Cost at ``L = 16``, ``b = 4``: ``L·h·b ≈ 128n`` weights (≈ 384n numbers with
 Adam's two moments), ``2·L·h·b ≈ 256n`` multiply-adds and ``2L`` gathers of
 length ``h`` for ``P·m``, about four times that per step with the
-hypergradient's VJP; see ``docs/lodo.md`` for measured ratios to momentum.
+hypergradient's VJP.
 
 References:
   Liao, Dangovski, Foerster, Soljačić, `Learning to Optimize Quasi-Newton

@@ -3,7 +3,7 @@
 FOP's products are einsums over the leaf's own axes (rows first, then columns),
 never over a reshaped ``(a, b)`` view: reshaping a sharded leaf would need a
 resharding, and XLA:CPU materialises the transpose in ``x @ y.T`` of a large
-view (5-10x slower for FOP's skinny products). The small matrices (a×a, a×r)
+view, which makes FOP's skinny products several times slower. The small matrices (a×a, a×r)
 are replicated under a mesh with explicit axes.
 
 The guard's maths (see the package docstring) lives here too: the spectral clip
@@ -146,8 +146,8 @@ def _orthonormal_columns(b):
   dtype's precision) is numerically in the span of the columns before it and is
   left zero: its remainder is rounding noise, and normalising noise (say for the
   seven dependent columns of ``[U, V]`` when Adam's sign-like steps give ``V``
-  rank one) leaves ``Q`` far from orthonormal (off-diagonals of ``QᵀQ`` up to 0.6
-  measured in float32). Dropping it moves ``span(Q)`` by at most ``√ε`` relative.
+  rank one) leaves ``Q`` far from orthonormal (large off-diagonals of ``QᵀQ`` in
+  float32). Dropping it moves ``span(Q)`` by at most ``√ε`` relative.
   """
   if b.size == 0:
     return b
