@@ -7,7 +7,8 @@ A cheap check (no jax import) over README.md, CONTRIBUTING.md and every ``docs/*
     ``benchmarks/overhead.py``, ``docs/img/x.png``, ``tests/test_x.py``, ``fop_optax/...``):
     a known top-level folder, or a root-level file such as ``CHANGELOG.md``;
 (c) commands, in inline code and in fenced code blocks: ``python3 examples/x.py``,
-    ``python3 -m benchmarks.x``, ``python3 -m examples.x``, ``pytest tests/test_x.py``.
+    ``python3 -m benchmarks.x``, ``python3 -m examples.x``, ``pytest tests/test_x.py``;
+(d) test ids ``tests/test_x.py::test_name``: the function is defined in that file.
 
 Paths under ``results/`` are exempt: they are a run's outputs (gitignored), made by the
 commands the pages give. Placeholders (``examples/<name>.py``, ``fop_optax/...``) are skipped.
@@ -77,7 +78,23 @@ def _looks_like_path(token: str) -> bool:
     return True
 
 
+TEST_ID = re.compile(r"(tests/[\w/]+\.py)::(\w+)")
+
+
+def _check_test_ids(text: str, where: str, missing: list) -> None:
+    """``tests/test_x.py::test_name``: the test function (or class) is defined in that file."""
+    for path, name in TEST_ID.findall(text):
+        full = os.path.join(ROOT, path)
+        if not os.path.exists(full):
+            continue  # reported as a missing path
+        with open(full, encoding="utf-8") as f:
+            source = f.read()
+        if not re.search(r"^\s*(?:async\s+)?(?:def|class)\s+%s\b" % re.escape(name), source, re.M):
+            missing.append(f"{where}: test `{path}::{name}`")
+
+
 def _check_code(text: str, where: str, missing: list, *, fenced: bool) -> None:
+    _check_test_ids(text, where, missing)
     for token in PATH_TOKEN.findall(text):
         token = _clean(token)
         if _is_placeholder(token) or token.startswith("results/") or token == "results":
@@ -155,7 +172,7 @@ def test_named_paths_exist():
     for page in _pages():
         _check_page(page, missing)
     if missing:
-        pytest.fail(f"{len(missing)} path(s) named in the docs do not exist:\n  "
+        pytest.fail(f"{len(missing)} path(s), modules or tests named in the docs do not exist:\n  "
                     + "\n  ".join(missing), pytrace=False)
 
 
@@ -168,6 +185,8 @@ def test_named_paths_exist():
     ("see `fop_optax/...` and `examples/<name>.py`", False),
     ("[gone](no_such_page.md)", True),
     ("[ok](stability.md#some-anchor)", False),
+    ("`tests/test_doc_paths.py::test_named_paths_exist`", False),
+    ("`tests/test_doc_paths.py::test_no_such_test`", True),
 ])
 def test_checker_itself(text, bad):
     """The checker flags a missing path and passes an existing one (a page in docs/)."""
