@@ -210,6 +210,9 @@ def _resolve_inside_package(app, env, node, contnode):
     components; it resolves only when exactly one object matches, so a reference
     to something undocumented (or outside the package) still fails.
     """
+    from sphinx.util import logging
+
+    logger = logging.getLogger('fop_optax.docs')
     if node.get('refdomain') != 'py':
         return None
     target = node.get('reftarget', '').lstrip('.~')
@@ -229,6 +232,7 @@ def _resolve_inside_package(app, env, node, contnode):
                 found[(entry.docname, entry.node_id)] = name
         if len(found) == 1:
             full = next(iter(found.values()))
+            logger.debug('fop_optax docs: %r resolved as %r', target, full)
             return domain.resolve_xref(env, node.get('refdoc', ''), app.builder,
                                        node.get('reftype'), full, node, contnode)
         if len(found) > 1:
@@ -236,7 +240,45 @@ def _resolve_inside_package(app, env, node, contnode):
     return None
 
 
+def _type_alias_spellings():
+    """Expanded spellings of the optax type aliases in signatures, mapped to the alias name.
+
+    ``optax.ScalarOrSchedule`` is a union of eight types; autodoc would print it in full.
+    """
+    try:
+        import optax
+        from sphinx.util.typing import stringify_annotation
+    except Exception:  # pragma: no cover
+        return {}
+    out = {}
+    for name in ('ScalarOrSchedule', 'Schedule'):
+        alias = getattr(optax, name, None)
+        if alias is None:
+            continue
+        for mode in ('smart', 'fully-qualified-except-typing', 'fully-qualified'):
+            try:
+                out[stringify_annotation(alias, mode)] = f'optax.{name}'
+            except Exception:  # pragma: no cover
+                pass
+    # the longest first, so that a spelling containing another is replaced whole
+    return dict(sorted(out.items(), key=lambda kv: -len(kv[0])))
+
+
+def _shorten_signature(app, what, name, obj, options, signature, return_annotation):
+    spellings = _ALIAS_SPELLINGS
+    for long, short in spellings.items():
+        if signature:
+            signature = signature.replace(long, short)
+        if return_annotation:
+            return_annotation = return_annotation.replace(long, short)
+    return signature, return_annotation
+
+
+_ALIAS_SPELLINGS = _type_alias_spellings()
+
+
 def setup(app):
+    app.connect('autodoc-process-signature', _shorten_signature)
     app.connect('build-finished', _copy_mathjax)
     app.connect('missing-reference', _resolve_inside_package)
     return {'parallel_read_safe': True, 'parallel_write_safe': True}
