@@ -137,6 +137,12 @@ def scale_by_fop(
   such steps; wrap this transformation in :func:`fop_optax.skip_nonfinite` to
   do the same by hand.
 
+  Parameters must be real floating point: a complex leaf is rejected at
+  ``init`` (split it into real and imaginary parts). Updates keep the
+  parameters' dtypes. The state's matrices have the parameters' tree structure
+  but not their shapes, so a function given to ``optax.tree.map_params``
+  reaches them too: make it shape-aware.
+
   Args:
     learning_rate: ``η`` of the step that follows (a float or an optax
       schedule, evaluated at the previous step's count). With an adaptive
