@@ -65,6 +65,7 @@ import numpy as np
 import optax
 
 from fop_optax import _checks
+from fop_optax import _sharding
 from fop_optax import learned
 
 __all__ = ['ARCHITECTURES', 'hidden_width', 'lodo_preconditioner', 'scale_by_lodo',
@@ -235,26 +236,6 @@ def _network_apply(weights, x, b: int, seed: int, stream: int):
   return y[:n]
 
 
-# ----------------------------------------------------------------------------- sharding
-
-def _replicate(x):
-  """``x`` replicated under a mesh (none: unchanged)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return x
-  spec = jax.sharding.PartitionSpec()
-  if jax.sharding.AxisType.Explicit in mesh.axis_types:
-    return jax.sharding.reshard(x, spec)
-  return jax.lax.with_sharding_constraint(x, spec)
-
-
-def _like(out, u):
-  """``out`` resharded like ``u`` under an explicit mesh (so updates match their parameters)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
-    return out
-  return jax.sharding.reshard(out, jax.typeof(u).sharding.spec)
-
 
 # ----------------------------------------------------------------------------- the preconditioner
 
@@ -313,10 +294,10 @@ def lodo_preconditioner(num_layers: int = 16, block_size: int = 4, *, seed: int 
       if n == 0:
         w.append([])
       elif architecture == 'network':
-        w.append([_replicate(x) for x in
+        w.append([_sharding.replicate(x) for x in
                   _network_init(n, num_layers, block_size, seed, stream, dtype)])
       elif architecture == 'diagonal':
-        w.append(_replicate(jnp.ones((n,), dtype)))
+        w.append(_sharding.replicate(jnp.ones((n,), dtype)))
       else:
         w.append(jnp.ones((), dtype))
     return w
@@ -329,7 +310,8 @@ def lodo_preconditioner(num_layers: int = 16, block_size: int = 4, *, seed: int 
       if n == 0:
         continue
       dtype = jax.tree.leaves(wg)[0].dtype
-      x = jnp.concatenate([_replicate(leaves[i]).reshape(-1).astype(dtype) for i in group])
+      x = jnp.concatenate([_sharding.replicate(leaves[i]).reshape(-1).astype(dtype)
+                           for i in group])
       if architecture == 'network':
         y = _network_apply(wg, x, block_size, seed, stream)
       else:
@@ -338,7 +320,7 @@ def lodo_preconditioner(num_layers: int = 16, block_size: int = 4, *, seed: int 
       for i in group:
         size = leaves[i].size
         piece = y[offset:offset + size].reshape(leaves[i].shape).astype(leaves[i].dtype)
-        out[i] = _like(piece, leaves[i])
+        out[i] = _sharding.reshard_like(piece, leaves[i])
         offset += size
     return treedef.unflatten(out)
 

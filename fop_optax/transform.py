@@ -21,6 +21,7 @@ import optax
 from optax._src import numerics
 
 from fop_optax import _checks
+from fop_optax import _sharding
 from fop_optax import online
 from fop_optax import structures as structures_lib
 
@@ -68,15 +69,9 @@ def _matrix_dtype(leaf_dtype, matrix_dtype) -> jnp.dtype:
 def _replicate_matrices(structs, ms):
   """Pins FOP's matrices to replicated under a mesh (auto or explicit axes).
 
-  Without it the compiler may shard a low-rank ``(2, a, r)`` like its leaf's
-  rows after an update, so the state's sharding would change from step to
-  step. Leaf-shaped ``diagonal`` scales are left to follow their leaf.
+  Leaf-shaped ``diagonal`` scales are left to follow their leaf.
   """
-  if jax.sharding.get_abstract_mesh().empty:
-    return ms
-  replicated = jax.sharding.PartitionSpec()
-  return [m if not s.replicated_state else
-          jax.lax.with_sharding_constraint(m, replicated) for s, m in zip(structs, ms)]
+  return [_sharding.replicate(m) if s.replicated_state else m for s, m in zip(structs, ms)]
 
 
 def _check_tree_matches(name: str, updates, reference) -> None:

@@ -75,3 +75,21 @@ def _leaves(tree):
       yield from _leaves(v)
   else:
     yield tree
+
+
+def test_fop_runs_wherever_sgd_runs():
+  """Explicit and auto axes, inside and outside ``jax.set_mesh``, kernels sharded along
+  each of their axes (rows, columns, both, two mesh axes on one): every case that
+  ``optax.sgd`` runs, fop, fop_adam and LODO run too, and equal the one-device run."""
+  cases = report()['anywhere']
+  assert len(cases) == 32
+  failed = {k: v['error'] for k, v in cases.items() if not v['ok']}
+  assert not failed, failed
+  for case, r in cases.items():
+    assert r['max_diff'] < 1e-5, case
+    # An explicit mesh puts the layout in the type: updates keep the parameters'.
+    # (Auto axes leave the layout of LODO's updates to the compiler.)
+    if case.startswith('Explicit'):
+      assert r['kept'], case
+  outside = [k for k in cases if '/outside/' in k and k.startswith('Explicit')]
+  assert {k.split('/')[-1] for k in outside} == {'sgd', 'fop', 'fop_adam', 'lodo'}

@@ -353,13 +353,15 @@ def test_old_names_are_still_offered():
       _ATTENTION_INPUTS _ATTENTION_LIKE_SUFFIXES _ATTENTION_OUTPUT _BISECTION_STEPS _BY_NAME
       _KINK_RTOL _NORM_OR_BIAS_NAMES _STACK_NAMES _STATE_BOUND_FACTOR _VARIABLE_ATTRS
       _apply_left _attention_blocks _axes _batched _clipped_derivative _contract_cols
-      _contract_rows _dense _divided_differences _exceeds _expand_rows _explicit_mesh _gram
-      _inverse _is_variable _labels _orthonormal_columns _pair _path_str _replicated _rows
-      _scale_rows _snap _spec _spectral_clip _state_floats _top_eigenpair as_matrix
+      _contract_rows _dense _divided_differences _exceeds _expand_rows _gram
+      _inverse _is_variable _labels _orthonormal_columns _pair _path_str _rows
+      _scale_rows _snap _spectral_clip _state_floats _top_eigenpair as_matrix
       as_structure check_leaf_dtype default_structure find_attention_blocks leaf_names
       leaf_paths leaf_role normalize_dimensions resolve_structures suspect_node
       unwrapped_treedef with_dimensions""".split()
-  typing_names = {'Any', 'Callable', 'ClassVar', 'Collection'}   # were module imports
+  # were module imports (the mesh helpers _explicit_mesh, _replicated, _spec moved to
+  # fop_optax._sharding, shared with LODO and the transform)
+  typing_names = {'Any', 'Callable', 'ClassVar', 'Collection'}
   missing = [n for n in names if n not in typing_names and not hasattr(S, n)]
   assert not missing
   assert set(S.__all__) <= set(dir(S))

@@ -168,8 +168,8 @@ from fop_optax.structures._base import (Layout, Structure, _REGISTRY, _state_flo
                                         registered, structure_names)
 from fop_optax.structures._matrix import (
     REFERENCE_ROWS, Shape, _KINK_RTOL, _apply_left, _clipped_derivative, _contract_cols,
-    _contract_rows, _divided_differences, _exceeds, _expand_rows, _explicit_mesh, _gram, _labels,
-    _orthonormal_columns, _pair, _replicated, _rows, _scale_rows, _snap, _spec, _spectral_clip,
+    _contract_rows, _divided_differences, _exceeds, _expand_rows, _gram, _labels,
+    _orthonormal_columns, _pair, _rows, _scale_rows, _snap, _spectral_clip,
     _top_eigenpair, as_matrix)
 from fop_optax.structures.none import NoPreconditioner
 from fop_optax.structures.scalar import Scalar

@@ -4,7 +4,7 @@ FOP's products are einsums over the leaf's own axes (rows first, then columns),
 never over a reshaped ``(a, b)`` view: reshaping a sharded leaf would need a
 resharding, and XLA:CPU materialises the transpose in ``x @ y.T`` of a large
 view, which makes FOP's skinny products several times slower. The small matrices (a×a, a×r)
-are replicated under a mesh with explicit axes.
+are replicated under a mesh with explicit axes (``fop_optax._sharding``).
 
 The guard's maths (see the package docstring) lives here too: the spectral clip
 ``Q min(Λ, B) Qᵀ``, its Daleckii–Krein derivative through the divided
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from fop_optax import _linalg
+from fop_optax._sharding import replicated, spec_like
 
 Shape = tuple[int, ...]
 
@@ -33,35 +34,6 @@ def _rows(shape: Shape, row_axes: int) -> int:
   return math.prod(shape[:row_axes])
 
 
-def _explicit_mesh() -> bool:
-  mesh = jax.sharding.get_abstract_mesh()
-  return not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
-
-
-def _replicated():
-  """``out_sharding`` for FOP's small matrices (a×a, a×r): replicated.
-
-  Under a mesh with explicit axes JAX cannot guess the sharding of a product
-  that contracts a (possibly sharded) leaf axis; FOP's matrices are small, so
-  they are replicated on every device. Elsewhere ``None`` leaves the choice to
-  the compiler.
-  """
-  return jax.sharding.PartitionSpec() if _explicit_mesh() else None
-
-
-def _spec(x: jax.Array, drop_rows: int = 0, lead: int = 0):
-  """``out_sharding`` for a leaf-like product: ``x``'s spec (explicit mesh only).
-
-  The first ``drop_rows`` axes of ``x`` are replaced by ``lead`` unsharded
-  axes, for products ``(k, *columns)`` that contract the rows away.
-  """
-  if not _explicit_mesh():
-    return None
-  spec = tuple(jax.typeof(x).sharding.spec)
-  spec = spec + (None,) * (x.ndim - len(spec))
-  return jax.sharding.PartitionSpec(*((None,) * lead + spec[drop_rows:]))
-
-
 def _labels(ndim: int, row_axes: int) -> tuple[str, str, str]:
   """Einsum labels: the leaf's rows, a second copy of the rows, its columns."""
   assert ndim <= 12
@@ -73,7 +45,7 @@ def _gram(x: jax.Array, y: jax.Array, row_axes: int) -> jax.Array:
   rows, rows2, cols = _labels(x.ndim, row_axes)
   a = _rows(x.shape, row_axes)
   out = jnp.einsum(f'{rows}{cols},{rows2}{cols}->{rows}{rows2}', x, y,
-                   out_sharding=_replicated())
+                   out_sharding=replicated(x, y))
   return out.reshape(a, a)
 
 
@@ -81,7 +53,7 @@ def _apply_left(p: jax.Array, x: jax.Array, row_axes: int) -> jax.Array:
   """``P X`` for a small ``p`` (a×a) and a leaf ``x`` viewed as (a, b); leaf-shaped."""
   rows, rows2, cols = _labels(x.ndim, row_axes)
   p = p.reshape(x.shape[:row_axes] * 2)
-  return jnp.einsum(f'{rows}{rows2},{rows2}{cols}->{rows}{cols}', p, x, out_sharding=_spec(x))
+  return jnp.einsum(f'{rows}{rows2},{rows2}{cols}->{rows}{cols}', p, x, out_sharding=spec_like(x))
 
 
 def _contract_rows(w: jax.Array, x: jax.Array, row_axes: int) -> jax.Array:
@@ -89,13 +61,13 @@ def _contract_rows(w: jax.Array, x: jax.Array, row_axes: int) -> jax.Array:
   rows, _, cols = _labels(x.ndim, row_axes)
   w = w.reshape(*x.shape[:row_axes], w.shape[-1])
   return jnp.einsum(f'{rows}z,{rows}{cols}->z{cols}', w, x,
-                    out_sharding=_spec(x, drop_rows=row_axes, lead=1))
+                    out_sharding=spec_like(x, drop=row_axes, lead=1))
 
 
 def _contract_cols(x: jax.Array, z: jax.Array, row_axes: int) -> jax.Array:
   """``X Zᵀ`` for ``z`` of shape ``(k, *columns)``: an (a×k) matrix, replicated."""
   rows, _, cols = _labels(x.ndim, row_axes)
-  out = jnp.einsum(f'{rows}{cols},z{cols}->{rows}z', x, z, out_sharding=_replicated())
+  out = jnp.einsum(f'{rows}{cols},z{cols}->{rows}z', x, z, out_sharding=replicated(x, z))
   return out.reshape(_rows(x.shape, row_axes), z.shape[0])
 
 
@@ -103,13 +75,13 @@ def _expand_rows(w: jax.Array, z: jax.Array, like: jax.Array, row_axes: int) -> 
   """``W Z`` for ``w`` (a×k), ``z`` ``(k, *columns)``: leaf-shaped, sharded like ``like``."""
   rows, _, cols = _labels(like.ndim, row_axes)
   w = w.reshape(*like.shape[:row_axes], w.shape[-1])
-  return jnp.einsum(f'{rows}z,z{cols}->{rows}{cols}', w, z, out_sharding=_spec(like))
+  return jnp.einsum(f'{rows}z,z{cols}->{rows}{cols}', w, z, out_sharding=spec_like(like))
 
 
 def _pair(z: jax.Array, y: jax.Array) -> jax.Array:
   """``Z Yᵀ`` (k×l) of two ``(k, *columns)``, ``(l, *columns)`` products: sums over the columns."""
   cols = 'mnopqrstuvwx'[:z.ndim - 1]
-  return jnp.einsum(f'z{cols},y{cols}->zy', z, y, out_sharding=_replicated())
+  return jnp.einsum(f'z{cols},y{cols}->zy', z, y, out_sharding=replicated(z, y))
 
 
 def as_matrix(x: jax.Array, row_axes: int) -> jax.Array:
