@@ -106,9 +106,11 @@ nitpick_ignore_regex = [
                r'ScalarOrSchedule|Schedule|GradientTransformation|'
                r'GradientTransformationExtraArgs|DTypeLike|Numeric|PRNGKey|Shape|'
                r'Exception|Warning|UserWarning|RuntimeWarning|ValueError|TypeError|'
-               r'NamedTupleMeta|T|P|R|_.*)'),
+               r'NamedTupleMeta|T|P|R)'),
     # the leading-underscore private helpers and TypeVars of other packages
-    (r'py:.*', r'.*\._[A-Za-z].*'),
+    (r'py:.*', r'(?!fop_optax\.).*\._[A-Za-z].*'),
+    # a private TypeVar of the package (e.g. structures._base._S in register's signature)
+    (r'py:class', r'fop_optax\..*\._[A-Z][A-Za-z]?'),
 ]
 
 # --- HTML -------------------------------------------------------------------
