@@ -1,0 +1,163 @@
+"""FOP's cost against depth: step time, solver calls and compile time on 2, 8 and 32 blocks.
+
+The model is a residual MLP: a 784×256 input kernel, ``depth`` identical blocks of two 256×256
+dense kernels (``h + W₂ relu(W₁ h)``), a 256×10 head; batch 128, synthetic data. For
+momentum, ``fop``, adam and ``fop_adam`` at each depth it reports:
+
+* the step time (loss, gradient, update; median and spread over interleaved rounds, the four
+  optimisers of a depth run round-robin so a noisy machine slows them alike) and its ratio
+  to the base optimiser's, taken per round;
+* **the added time per block**: the slope of the median step time between the smallest and
+  the largest depth, and ``fop``'s slope over momentum's (``fop_adam``'s over adam's): what
+  each extra layer costs, which the constant parts of a step hide at small depth;
+* the LAPACK calls in the compiled step (``custom_call`` targets naming a LAPACK routine:
+  ``geqrf``, ``orgqr``, ``syevd``, ``potrf``, ...), counted in the program text, so calls in
+  branches a step may skip count too;
+* the compile time of the first step.
+
+Run from the repository root: ``python3 -m benchmarks.depth`` (``--quick``: depths 1 and 2,
+3 rounds, a smoke run of seconds).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fop_optax
+from benchmarks import _harness
+
+WIDTH, INPUTS, CLASSES, BATCH = 256, 784, 10, 128
+BASES = {'fop': 'momentum', 'fop_adam': 'adam'}
+
+
+def optimizers():
+  return {
+      'momentum': optax.sgd(0.05, momentum=0.9),
+      'fop': fop_optax.fop(0.05, momentum=0.9),
+      'adam': optax.adam(1e-3),
+      'fop_adam': fop_optax.fop_adam(1e-3),
+  }
+
+
+def init_params(key, depth: int):
+  keys = jax.random.split(key, 2 * depth + 2)
+  dense = lambda k, n, m: {'kernel': jax.random.normal(k, (n, m)) / np.sqrt(n),
+                           'bias': jnp.zeros((m,))}
+  return {
+      'input': dense(keys[0], INPUTS, WIDTH),
+      'blocks': [{'fc1': dense(keys[2 * i + 1], WIDTH, WIDTH),
+                  'fc2': dense(keys[2 * i + 2], WIDTH, WIDTH)} for i in range(depth)],
+      'head': dense(keys[-1], WIDTH, CLASSES),
+  }
+
+
+def loss_fn(params, x, y):
+  h = jax.nn.relu(x @ params['input']['kernel'] + params['input']['bias'])
+  for block in params['blocks']:
+    z = jax.nn.relu(h @ block['fc1']['kernel'] + block['fc1']['bias'])
+    h = h + 0.5 * (z @ block['fc2']['kernel'] + block['fc2']['bias'])
+  logits = h @ params['head']['kernel'] + params['head']['bias']
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def make_step(tx):
+  def step(params, state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+_LAPACK = re.compile(r'custom_call_target="([^"]*(?:geqrf|orgqr|ungqr|syevd|heevd|potrf|getrf|'
+                     r'gesdd|trsm|syev|lapack)[^"]*)"')
+
+
+def lapack_calls(hlo_text: str) -> dict[str, int]:
+  """``{routine: count}`` of the LAPACK custom calls in a compiled program's text."""
+  return dict(collections.Counter(_LAPACK.findall(hlo_text)))
+
+
+def measure_depth(depth: int, rounds: int, inner: int):
+  key = jax.random.key(0)
+  params0 = init_params(key, depth)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(BATCH, INPUTS)).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, CLASSES, size=BATCH).astype(np.int32))
+  runners, rows = {}, {}
+  for name, tx in optimizers().items():
+    step = make_step(tx)
+    params = jax.tree.map(jnp.array, params0)
+    state = tx.init(params)
+    t0 = time.perf_counter()
+    compiled = step.lower(params, state, x, y).compile()
+    compile_s = time.perf_counter() - t0
+    calls = lapack_calls(compiled.as_text())
+    box = [params, state]
+    for _ in range(3):   # warm up past the first (untouched) and the first learning step
+      box[0], box[1], _ = step(box[0], box[1], x, y)
+
+    def run(step=step, box=box):
+      box[0], box[1], loss = step(box[0], box[1], x, y)
+      jax.block_until_ready(loss)
+
+    runners[name] = run
+    rows[name] = dict(depth=depth, optimizer=name, compile_s=compile_s,
+                      lapack_calls=sum(calls.values()), lapack_by_routine=calls)
+  times = _harness.interleaved(runners, rounds, inner)
+  for name in rows:
+    base = BASES.get(name)
+    rows[name]['time'] = _harness.spread(times[name])
+    if base is not None:
+      rows[name]['ratio'] = _harness.spread(_harness.ratios(times, base)[name])
+  return list(rows.values()), times
+
+
+def per_block(rows, depths):
+  """Added median step time per block between the smallest and largest depth."""
+  lo, hi = min(depths), max(depths)
+  med = {(r['optimizer'], r['depth']): r['time']['median'] for r in rows}
+  out = {}
+  for name in optimizers():
+    out[name] = (med[name, hi] - med[name, lo]) / (hi - lo)
+  for name, base in BASES.items():
+    out[f'{name}/{base}'] = out[name] / out[base] if out[base] > 0 else float('nan')
+  return out
+
+
+def main(argv=None):
+  p = _harness.parser(__doc__.splitlines()[0], name='depth', rounds=10)
+  p.add_argument('--depths', default='2,8,32', help='numbers of blocks (default %(default)s)')
+  p.add_argument('--inner', type=int, default=3, help='steps per round and optimiser')
+  args = _harness.apply_quick(p.parse_args(argv), p, depths='1,2', rounds=3, inner=1)
+  t0 = time.perf_counter()
+  depths = [int(d) for d in args.depths.split(',')]
+  rows = []
+  print(f'{"depth":>5} {"optimizer":>9} {"step ms":>22} {"÷ base":>20} {"LAPACK":>6} '
+        f'{"compile s":>9}')
+  for depth in depths:
+    depth_rows, _ = measure_depth(depth, args.rounds, args.inner)
+    rows += depth_rows
+    for r in depth_rows:
+      ratio = _harness.fmt_spread(r['ratio'], '.2f') if 'ratio' in r else ''
+      ms = {k: v * 1e3 if k != 'n' else v for k, v in r['time'].items()}
+      print(f'{depth:>5} {r["optimizer"]:>9} {_harness.fmt_spread(ms, ".2f"):>22} '
+            f'{ratio:>20} {r["lapack_calls"]:>6} {r["compile_s"]:>9.1f}')
+  slopes = per_block(rows, depths)
+  print(f'\nadded step time per block, depth {min(depths)} -> {max(depths)} (medians):')
+  for name in optimizers():
+    print(f'  {name:>9}: {slopes[name] * 1e3:.3f} ms')
+  for name, base in BASES.items():
+    print(f'  {name} ÷ {base}: {slopes[f"{name}/{base}"]:.2f}')
+  meta = _harness.metadata(args, module='benchmarks.depth', t0=t0)
+  _harness.write_json(args.out, meta, rows=rows, per_block=slopes)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,35 @@
+"""benchmarks/depth.py's solver-call counter and per-block slope, on programs whose answer is known."""
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import depth
+
+
+def _calls(fn, *args):
+  return depth.lapack_calls(jax.jit(fn).lower(*args).compile().as_text())
+
+
+def test_counts_one_call_per_solver():
+  p = jnp.eye(6) + 0.1
+  calls = _calls(lambda p: (jnp.linalg.eigh(p)[0], jnp.linalg.qr(p[:, :3])[0]), p)
+  assert sum(v for k, v in calls.items() if 'syevd' in k) == 1
+  assert sum(v for k, v in calls.items() if 'geqrf' in k) == 1
+  assert _calls(lambda p: 2.0 * p @ p, p) == {}
+
+
+def test_the_model_grows_by_two_kernels_per_block():
+  for n in (1, 3):
+    params = depth.init_params(jax.random.key(0), n)
+    assert len(params['blocks']) == n
+    assert params['blocks'][0]['fc1']['kernel'].shape == (depth.WIDTH, depth.WIDTH)
+
+
+def test_per_block_is_the_slope_between_the_extreme_depths():
+  rows = [dict(optimizer=o, depth=d, time=dict(median=t))
+          for o, (a, b) in {'momentum': (1.0, 3.0), 'fop': (2.0, 8.0),
+                            'adam': (1.0, 2.0), 'fop_adam': (1.0, 4.0)}.items()
+          for d, t in ((2, a), (4, b))]
+  slopes = depth.per_block(rows, [2, 4])
+  assert slopes['momentum'] == 1.0 and slopes['fop'] == 3.0
+  assert slopes['fop/momentum'] == 3.0 and slopes['fop_adam/adam'] == 3.0
