@@ -10,6 +10,9 @@ optimiser (per round, then median and min-max) and after ÷ before. The updates 
 versions after the timed steps are compared (max abs difference).
 
   python3 -m benchmarks.before_after --rev 6332358 --models mlp256,cnn --rounds 15
+
+``--update-only`` times the optimiser's update alone on a fixed gradient (the ratios are then
+of updates: fop's update over momentum's), for a change that touches only the update.
 """
 
 from __future__ import annotations
@@ -83,6 +86,10 @@ def main(argv=None):
   parser.add_argument('--rev', default=BEFORE)
   parser.add_argument('--models', default='mlp256')
   parser.add_argument('--inner', type=int, default=20, help='steps per timing')
+  parser.add_argument('--update-only', action='store_true',
+                      help="time the optimiser's update alone, on a fixed gradient (learning "
+                      'steps after the first), not the whole training step: the forward and '
+                      "backward pass's time and noise do not dilute the difference")
   args = parser.parse_args(argv)
   _harness.apply_quick(args, parser, rounds=3, inner=3)
   started = time.time()
@@ -97,9 +104,13 @@ def main(argv=None):
         'fop_adam before': old.fop_adam(1e-3), 'fop_adam after': fop_optax.fop_adam(1e-3),
     }
     runners, finals = {}, {}
+    fixed_grad = jax.grad(loss)(params)
     for name, tx in variants.items():
       @jax.jit
       def step(p, s, tx=tx):
+        if args.update_only:   # the parameters stay; the state moves on
+          u, s = tx.update(fixed_grad, s, p)
+          return p, s, u
         g = jax.grad(loss)(p)
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s, u

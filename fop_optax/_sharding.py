@@ -81,14 +81,20 @@ def spec_like(x, drop: int = 0, lead: int = 0):
   return _on(mesh, PartitionSpec(*((None,) * lead + spec[drop:])))
 
 
-def replicate(x):
+def replicate(x, *others):
   """``x`` replicated on every device of its mesh (no mesh: unchanged).
+
+  The mesh is the context mesh, or the one ``x``'s type or one of ``others``'
+  types carries (e.g. the gradient a small matrix was computed from): a value
+  with no mesh in its type would otherwise leave a jitted function with
+  whatever layout the compiler propagates to it, which may change from step
+  to step.
 
   Also keeps a state matrix replicated from step to step: without it the
   compiler may shard, e.g., a low-rank ``(2, a, r)`` like its leaf's rows after
   an update, and the state's layout would change between steps.
   """
-  mesh = explicit_mesh(x)
+  mesh = explicit_mesh(x, *others)
   if mesh is not None:
     return jax.sharding.reshard(x, _on(mesh, PartitionSpec()))
   if jax.sharding.get_abstract_mesh().empty:

@@ -43,12 +43,20 @@ class FopState(NamedTuple):
     last_gradient: params-shaped tree of the previous gradient ``G_{t-1}``, in
       the parameters' dtype.
     hyper_state: state of the hyper-optimiser that trains the preconditioners.
+    spans: tree with the preconditioners' structure holding, per leaf, what the
+      last step decomposed of its ``M`` for the next step to reuse
+      (``Structure.span``: for ``low_rank`` under the guard ``(M, Q, T, μ, W)``,
+      its span basis and eigenpairs; ``()`` for the other structures). A span
+      is used only for the very ``M`` it was made for (exact equality), so
+      matrices replaced by hand are never paired with a stale one. ``()``
+      (the default, e.g. a state built by hand): nothing to reuse.
   """
 
   count: jax.Array
   preconditioners: optax.Params
   last_gradient: optax.Updates
   hyper_state: optax.OptState
+  spans: Any = ()
 
 
 DEFAULT_MAX_SCALE = structures_lib.DEFAULT_MAX_SCALE
@@ -66,12 +74,15 @@ def _matrix_dtype(leaf_dtype, matrix_dtype) -> jnp.dtype:
   return jnp.promote_types(jnp.float32, leaf_dtype)
 
 
-def _replicate_matrices(structs, ms):
-  """Pins FOP's matrices to replicated under a mesh (auto or explicit axes).
+def _replicate_matrices(structs, ms, leaves):
+  """Pins FOP's matrices (or spans) to replicated under a mesh (auto or explicit axes).
 
-  Leaf-shaped ``diagonal`` scales are left to follow their leaf.
+  ``leaves``: the parameter-shaped leaves they belong to, whose types carry an
+  explicit mesh where the matrices' own may not. Leaf-shaped ``diagonal``
+  scales are left to follow their leaf.
   """
-  return [_sharding.replicate(m) if s.replicated_state else m for s, m in zip(structs, ms)]
+  return [jax.tree.map(lambda x: _sharding.replicate(x, leaf), m) if s.replicated_state else m
+          for s, m, leaf in zip(structs, ms, leaves)]
 
 
 def _check_tree_matches(name: str, updates, reference) -> None:
@@ -260,8 +271,11 @@ def scale_by_fop(
     key = jax.random.key(0 if seed is None else seed)
     ms = [s.init(tuple(p.shape), _matrix_dtype(p.dtype, matrix_dtype), jax.random.fold_in(key, i))
           for i, (s, p) in enumerate(zip(structs, jax.tree.leaves(params)))]
-    ms = _replicate_matrices(structs, ms)
-    preconditioners = structures_lib.unwrapped_treedef(params).unflatten(ms)
+    # (init may run eagerly: only a mesh the matrices' own types carry is used here;
+    # update pins them with the gradients' mesh.)
+    ms = _replicate_matrices(structs, ms, ms)
+    m_def = structures_lib.unwrapped_treedef(params)
+    preconditioners = m_def.unflatten(ms)
     return FopState(
         count=jnp.zeros([], jnp.int32),
         preconditioners=preconditioners,
@@ -269,6 +283,9 @@ def scale_by_fop(
         # structure does not need it, so that the tree needs no placeholders.
         last_gradient=optax.tree.zeros_like(params),
         hyper_state=hyper_optimizer.init(preconditioners),
+        spans=m_def.unflatten(_replicate_matrices(
+            structs, [s.init_span(m) if gamma is None else () for s, m in zip(structs, ms)],
+            ms)),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -281,18 +298,28 @@ def scale_by_fop(
     # structure minus Flax Variable wrappers (see unwrapped_treedef).
     m_def = jax.tree.structure(state.preconditioners)
     gs = jax.tree.leaves(updates)
-    def hypergradient(s, m, g, gp):
+    # What the last step decomposed of each M (Structure.span), reused by this step's
+    # hypergradient and by a step that does not learn. A state built without spans
+    # (FopState's default ()) keeps none: the state's structure never changes.
+    keep_spans = not (isinstance(state.spans, tuple) and len(state.spans) == 0)
+    spans_in = (_replicate_matrices(structs, m_def.flatten_up_to(state.spans), gs)
+                if keep_spans else [()] * len(gs))
+
+    def span_kw(span):   # only a structure with a non-empty span takes the argument
+      return {'span': span} if span else {}
+
+    def hypergradient(s, m, span, g, gp):
       if gamma is None or not s.preconditions:
-        return s.hypergradient(m, g, gp, eta)
+        return s.hypergradient(m, g, gp, eta, **span_kw(span))
       # J ≈ −η⟨C, P/γ⟩: ∂J/∂M = −(η/γ) ∂⟨C, P⟩/∂M + (η δ ⟨C, P⟩/γ²) ∂λ/∂M, ⟨C, P⟩ = ⟨G_t, P G_p⟩.
       lam, dlam = s.top_eigen(m)
       gam, d = gamma_at(jnp.maximum(state.count - 1, 0), lam)
       cp = jnp.vdot(g.astype(m.dtype), s.precondition(m, gp).astype(m.dtype))
       return s.hypergradient(m, g, gp, eta / gam) + (eta * d * cp / gam ** 2) * dlam
 
-    def precondition(s, m, g):
+    def precondition(s, m, span, g):
       if gamma is None or not s.preconditions:
-        return s.precondition(m, g)
+        return s.precondition(m, g, **span_kw(span))
       gam, _ = gamma_at(state.count, s.top_eigen(m)[0])
       return (s.precondition(m, g) / gam.astype(m.dtype)).astype(g.dtype)
 
@@ -302,51 +329,67 @@ def scale_by_fop(
       # (set from max_scale by resolve_structures, or given).
       bound = s.max_scale   # set from max_scale by resolve_structures, or the structure's own
       if bound is None:
-        return m, precondition(s, m, g)
+        return m, precondition(s, m, (), g), (s.span(m) if keep_spans else ())
       if gamma is not None:   # a structure's own bound under γ: P̃ = clipped P / γ
         m = s.clip(m, bound)
-        return m, precondition(s, m, g)
-      return s.clip_and_precondition(m, bound, g)
+        return m, precondition(s, m, (), g), ()
+      if keep_spans:
+        return s.clip_precondition_and_span(m, bound, g)
+      return s.clip_and_precondition(m, bound, g) + ((),)
 
     # The online step (fop_optax.online) with FOP's closed-form hypergradient,
     # the default Adam's per-leaf calibration and the guard as its projection.
-    def hypergradients(ms, last_gradient, gradient):
+    # w = (M's tree, their spans' list): the hyper step moves the M's only; the spans
+    # it leaves stale are replaced by project_and_apply's, made for the new M's.
+    def hypergradients(w, last_gradient, gradient):
+      ms, spans = w
       return m_def.unflatten(_replicate_matrices(structs, [
-          hypergradient(s, m, g, gp).astype(m.dtype)
-          for s, m, g, gp in zip(structs, jax.tree.leaves(ms), jax.tree.leaves(gradient),
-                                 jax.tree.leaves(last_gradient))]))
+          hypergradient(s, m, span, g, gp).astype(m.dtype)
+          for s, m, span, g, gp in zip(structs, jax.tree.leaves(ms), spans,
+                                       jax.tree.leaves(gradient),
+                                       jax.tree.leaves(last_gradient))], gs))
 
     def calibrate_step(hyper_updates):
       return m_def.unflatten([
           u * s.hyper_step_scale(tuple(g.shape))
           for s, u, g in zip(structs, jax.tree.leaves(hyper_updates), gs)])
 
-    def apply(ms, inputs):
-      return [precondition(s, m, g) for s, m, g in zip(structs, jax.tree.leaves(ms), inputs)]
+    optax_step = online.optax_hyper_step(hyper_optimizer, calibrate_step if calibrate else None)
 
-    def project_and_apply(ms, inputs):
-      pairs = [project_and_precondition(s, m, g)
-               for s, m, g in zip(structs, jax.tree.leaves(ms), inputs)]
-      return (m_def.unflatten(_replicate_matrices(structs, [m for m, _ in pairs])),
-              [out for _, out in pairs])
+    def hyper_step(hypergrads, hyper_state, w):
+      ms, spans = w
+      ms, hyper_state = optax_step(hypergrads, hyper_state, ms)
+      return (ms, spans), hyper_state
+
+    def apply(w, inputs):
+      ms, spans = w
+      return [precondition(s, m, span, g)
+              for s, m, span, g in zip(structs, jax.tree.leaves(ms), spans, inputs)]
+
+    def project_and_apply(w, inputs):
+      ms, _ = w
+      triples = [project_and_precondition(s, m, g)
+                 for s, m, g in zip(structs, jax.tree.leaves(ms), inputs)]
+      return ((m_def.unflatten(_replicate_matrices(structs, [m for m, _, _ in triples], gs)),
+               _replicate_matrices(structs, [span for _, _, span in triples], gs)),
+              [out for _, out, _ in triples])
 
     # The first call has no previous step to learn from; with update_every = k only
     # calls k, 2k, ... learn. lax.cond: the skipped calls do none of the work.
-    preconditioners, hyper_state, outs = online.online_step(
-        state.count, state.preconditioners, state.hyper_state, state.last_gradient,
-        updates, gs,
-        hypergradient=hypergradients,
-        hyper_step=online.optax_hyper_step(hyper_optimizer,
-                                           calibrate_step if calibrate else None),
+    (preconditioners, spans), hyper_state, outs = online.online_step(
+        state.count, (state.preconditioners, spans_in), state.hyper_state,
+        state.last_gradient, updates, gs,
+        hypergradient=hypergradients, hyper_step=hyper_step,
         apply=apply, project_and_apply=project_and_apply, every=every)
     preconditioners = m_def.unflatten(
-        _replicate_matrices(structs, jax.tree.leaves(preconditioners)))
+        _replicate_matrices(structs, jax.tree.leaves(preconditioners), gs))
     new_updates = jax.tree.structure(updates).unflatten(outs)
     return new_updates, FopState(
         count=numerics.safe_increment(state.count),
         preconditioners=preconditioners,
         last_gradient=optax.tree.cast_like(updates, state.last_gradient),
         hyper_state=hyper_state,
+        spans=m_def.unflatten(_replicate_matrices(structs, spans, gs)) if keep_spans else (),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

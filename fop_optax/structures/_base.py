@@ -249,6 +249,37 @@ class Structure:
     m = self.clip(m, max_scale)
     return m, self.precondition(m, g)
 
+  # --- what a step decomposes, kept for the next -------------------------------------------
+
+  def span(self, m: jax.Array) -> tuple:
+    """What this structure decomposes of ``m`` and can reuse on the next step: ``()`` here.
+
+    A structure whose step factors ``P(m)`` (``low_rank``'s span basis and
+    eigenpairs under the guard) returns those arrays, with ``m`` itself first
+    so that a reuse can check it is for the same ``m``. :func:`fop_optax.scale_by_fop`
+    keeps the tuple in its state (``FopState.spans``) and passes it back as
+    ``span=`` to :meth:`precondition` and :meth:`hypergradient` (only to a
+    structure whose ``span`` is non-empty, so other structures need not take
+    the argument).
+    """
+    del m
+    return ()
+
+  def init_span(self, m: jax.Array) -> tuple:
+    """The span ``init`` stores for the initial ``m``: :meth:`span` here.
+
+    A structure may return a placeholder of the same shapes instead (``low_rank``:
+    zeros, so that ``init`` runs no solver), provided its ``m`` differs from the
+    initial ``m`` or the placeholder is exact for it.
+    """
+    return self.span(m)
+
+  def clip_precondition_and_span(self, m: jax.Array, max_scale: float | None,
+                                 g: jax.Array) -> tuple[jax.Array, jax.Array, tuple]:
+    """:meth:`clip_and_precondition` and the :meth:`span` of the clipped ``m``."""
+    m, out = self.clip_and_precondition(m, max_scale, g)
+    return m, out, self.span(m)
+
   # --- the spectrum -----------------------------------------------------------------------
 
   def matrix(self, m: jax.Array, shape: Shape) -> jax.Array:

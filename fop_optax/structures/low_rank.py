@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from fop_optax import _linalg
+from fop_optax import _sharding
 from fop_optax.structures._base import Layout, Structure, register
 from fop_optax.structures._matrix import (
     REFERENCE_ROWS, _contract_cols, _contract_rows, _divided_differences, _expand_rows,
@@ -129,6 +130,41 @@ class LowRank(Structure):
     mu, w = _linalg.eigh(self._core(t))
     return q, t, mu, w
 
+  def span(self, m):
+    """``(M, Q, T, μ, W)``: ``M`` and its span basis and eigenpairs under the guard (``()`` without it).
+
+    Kept in the state by :func:`fop_optax.scale_by_fop`, so that the next step's
+    hypergradient and a step that does not learn reuse the basis and eigenpairs
+    this step computed, instead of a QR and an eigensolver each.
+    """
+    if not self._clips or self._empty(m):
+      return ()
+    return (m,) + tuple(self._span(m))
+
+  def _span_of(self, m, span=()):
+    """The span basis and eigenpairs of ``m``, from ``span`` when it was made for this very ``m``.
+
+    A ``span`` for another ``m`` (the state's matrices replaced by hand, say) is
+    never used: the check is exact equality, and the basis is then recomputed.
+    """
+    if not span:
+      return self._span(m)
+    # Both branches replicated under an explicit mesh, so that their types agree.
+    m0, cached = span[0], tuple(_sharding.replicate(x) for x in span[1:])
+    return jax.lax.cond(jnp.array_equal(m0, m), lambda: cached,
+                        lambda: tuple(_sharding.replicate(x) for x in self._span(m)))
+
+  def init_span(self, m):
+    """A span of zeros: no solver runs in ``init``.
+
+    Its ``M`` (0) differs from ``init``'s (``U`` orthonormal), so the first step
+    decomposes its ``M`` itself; and for ``M = 0`` (``P = I``) the zeros are exact
+    (every product with them is what the decomposition of ``P = I`` gives: 0).
+    """
+    if not self._clips or self._empty(m):
+      return ()
+    return tuple(jnp.zeros(x.shape, x.dtype) for x in jax.eval_shape(self.span, m))
+
   def _eigen(self, m):
     """``(λ, Φ)``: ``P``'s eigenvalues on ``span(Q)`` (ascending) and unit eigenvectors (a×k)."""
     q, _, mu, w = self._span(m)
@@ -176,11 +212,11 @@ class LowRank(Structure):
     mtu = u + v @ (u.T @ u)
     return jnp.concatenate([u, v], axis=1), jnp.concatenate([v, mtu], axis=1)
 
-  def precondition(self, m, g):
+  def precondition(self, m, g, span=()):
     x = g.astype(m.dtype)
     rows = self.row_axes
     if self._clips and not self._empty(m):
-      q, _, mu, w = self._span(m)
+      q, _, mu, w = self._span_of(m, span)
       return self._clipped_apply(q, mu, w, g)
     s, _, _ = self._scale(m)
     left, right = self._factors(m)
@@ -197,7 +233,7 @@ class LowRank(Structure):
     z = jnp.tensordot(self._clipped_core(mu, w), _contract_rows(q, x, self.row_axes), 1)
     return (x + _expand_rows(q, z, x, self.row_axes)).astype(g.dtype)
 
-  def hypergradient(self, m, g, g_prev, learning_rate):
+  def hypergradient(self, m, g, g_prev, learning_rate, span=()):
     gt, gp = g.astype(m.dtype), g_prev.astype(m.dtype)
     rows = self.row_axes
     u, v = m[0], m[1]
@@ -206,7 +242,7 @@ class LowRank(Structure):
     # X = [V, MᵀU] both come from S X = G_t (G_pᵀ X) + G_p (G_tᵀ X).
     r = u.shape[1]
     if self._clips and not self._empty(m):
-      sx = self._clipped_sx(m, gt, gp)   # takes X̃ = QᵀX from the span basis
+      sx = self._clipped_sx(m, gt, gp, span)   # takes X̃ = QᵀX from the span basis
     else:
       left, x = self._factors(m)
       xgp = _contract_rows(x, gp, rows)
@@ -223,7 +259,7 @@ class LowRank(Structure):
       dv = dv - (2 * cp / lam) * jnp.outer(top, mv @ u)
     return -learning_rate * s * jnp.stack([du, dv])
 
-  def _clipped_sx(self, m, gt, gp):
+  def _clipped_sx(self, m, gt, gp, span=()):
     """``(Z + Zᵀ) X`` for the guard's ``P̃ = f(P)``, ``f = min(·, B)``, ``Z = ∂⟨C, f(P)⟩/∂P``.
 
     ``C = G_t G_pᵀ`` (never formed). Daleckii–Krein in ``P``'s eigenbasis
@@ -237,7 +273,7 @@ class LowRank(Structure):
     without the guard.
     """
     rows = self.row_axes
-    q, t, mu, w = self._span(m)
+    q, t, mu, w = self._span_of(m, span)
     lam = 1 + mu
     tt, tp = _contract_rows(q, gt, rows), _contract_rows(q, gp, rows)   # QᵀG_t, QᵀG_p
     cq, ctq = _contract_cols(gt, tp, rows), _contract_cols(gp, tt, rows)   # C Q, Cᵀ Q
@@ -303,11 +339,33 @@ class LowRank(Structure):
     max_scale = self._bound(max_scale)
     if self._empty(m) or not self._clips:
       return super().clip_and_precondition(m, max_scale, g)
-    # One basis for both: shrinking V to c·V leaves span(U, V), and so Q, as it is.
+    m, q, _, mu, w = self._clip_span(m, max_scale)
+    return m, self._clipped_apply(q, mu, w, g)
+
+  def clip_precondition_and_span(self, m, max_scale, g):
+    max_scale = self._bound(max_scale)
+    if self._empty(m) or not self._clips:
+      return super().clip_precondition_and_span(m, max_scale, g)
+    m, q, t, mu, w = self._clip_span(m, max_scale)
+    return m, self._clipped_apply(q, mu, w, g), (m, q, t, mu, w)
+
+  def _clip_span(self, m, max_scale):
+    """``(clip(m), Q, T, μ, W)``: the clipped ``M`` and its span basis and eigenpairs, from one basis.
+
+    Shrinking ``V`` to ``c·V`` leaves ``span(U, V)``, and so ``Q``, as it is, and
+    turns ``T = [T_U, T_V]`` into ``[T_U, c·T_V]``. The eigenpairs of the core at
+    ``c = 1`` decide whether to shrink and are the result when it does not.
+    """
     q, t = self._basis(m)
-    c = self._shrink(t, max_scale)
-    mu, w = _linalg.eigh(self._core(t, c))
-    return jnp.stack([m[0], c * m[1]]), self._clipped_apply(q, mu, w, g)
+    bound = _STATE_BOUND_FACTOR * jnp.asarray(max_scale, t.dtype)
+    mu1, w1 = _linalg.eigh(self._core(t))
+    over = 1 + mu1[-1] > bound
+    c = jax.lax.cond(over, lambda: self._bisect(t, bound), lambda: jnp.ones((), t.dtype))
+    mu, w = jax.lax.cond(over, lambda: tuple(_linalg.eigh(self._core(t, c))),
+                         lambda: (mu1, w1))
+    r = t.shape[1] // 2
+    t = jnp.concatenate([t[:, :r], c * t[:, r:]], axis=1)
+    return jnp.stack([m[0], c * m[1]]), q, t, mu, w
 
   def _shrink(self, t, max_scale):
     """The largest ``c ∈ [0, 1]`` with ``λ_max(M(c)ᵀM(c)) ≤ 2B`` for ``M(c) = I + c·UVᵀ`` (1 within it).
@@ -316,19 +374,20 @@ class LowRank(Structure):
     interval ``[0, c*]`` and bisection (``_BISECTION_STEPS``) keeps its feasible end.
     """
     bound = _STATE_BOUND_FACTOR * jnp.asarray(max_scale, t.dtype)
+    over = 1 + _linalg.eigvalsh(self._core(t, jnp.ones((), t.dtype)))[-1] > bound
+    return jax.lax.cond(over, lambda: self._bisect(t, bound), lambda: jnp.ones((), t.dtype))
 
+  def _bisect(self, t, bound):
+    """Bisection for the shrink factor ``c`` (called where ``c = 1`` is over the bound)."""
     def lam(c):   # λ_max(M(c)ᵀM(c)) on span(Q); 1 on the complement
       return 1 + _linalg.eigvalsh(self._core(t, c))[-1]
 
-    def shrink(_):
-      def body(_, lo_hi):
-        lo, hi = lo_hi
-        mid = 0.5 * (lo + hi)
-        ok = lam(mid) <= bound
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-      lo, _ = jax.lax.fori_loop(0, _BISECTION_STEPS, body,
-                                (jnp.zeros((), t.dtype), jnp.ones((), t.dtype)))
-      return lo
+    def body(_, lo_hi):
+      lo, hi = lo_hi
+      mid = 0.5 * (lo + hi)
+      ok = lam(mid) <= bound
+      return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-    return jax.lax.cond(lam(jnp.ones((), t.dtype)) > bound, shrink,
-                        lambda _: jnp.ones((), t.dtype), None)
+    lo, _ = jax.lax.fori_loop(0, _BISECTION_STEPS, body,
+                              (jnp.zeros((), t.dtype), jnp.ones((), t.dtype)))
+    return lo
