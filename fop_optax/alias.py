@@ -60,10 +60,14 @@ def fop(
     gamma: Optional[tuple[Any, float]] = None,
     update_every: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """SGD with momentum on FOP-preconditioned gradients (the paper's main set-up).
+  r"""SGD with momentum on FOP-preconditioned gradients (the paper's main set-up).
 
-  ``θ_t = θ_{t-1} − η·v_t``, ``v_t = α·v_{t-1} + P_t·g_t``, with ``P = MᵀM`` learned
-  online by hypergradient descent (:func:`fop_optax.scale_by_fop`).
+  .. math::
+
+    θ_t = θ_{t-1} - η\,v_t, \qquad v_t = α\,v_{t-1} + P_t\,g_t, \qquad P_t = M_t^\top M_t,
+
+  with the ``M`` matrices learned online by hypergradient descent
+  (:func:`fop_optax.scale_by_fop`).
 
   Args:
     learning_rate: ``η``, a float or an optax schedule (shared by the SGD step
