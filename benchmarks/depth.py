@@ -12,7 +12,8 @@ momentum, ``fop``, adam and ``fop_adam`` at each depth it reports:
   each extra layer costs, which the constant parts of a step hide at small depth;
 * the LAPACK calls in the compiled step (``custom_call`` targets naming a LAPACK routine:
   ``geqrf``, ``orgqr``, ``syevd``, ``potrf``, ...), counted in the program text, so calls in
-  branches a step may skip count too;
+  branches a step may skip count too ("LAPACK"), and those a learning step executes, read
+  from a profile ("run/step", :func:`executed_lapack_calls`);
 * the compile time of the first step.
 
 Run from the repository root: ``python3 -m benchmarks.depth`` (``--quick``: depths 1 and 2,
@@ -22,7 +23,11 @@ Run from the repository root: ``python3 -m benchmarks.depth`` (``--quick``: dept
 from __future__ import annotations
 
 import collections
+import glob
+import gzip
+import json
 import re
+import tempfile
 import time
 
 import jax
@@ -84,6 +89,32 @@ def lapack_calls(hlo_text: str) -> dict[str, int]:
   return dict(collections.Counter(_LAPACK.findall(hlo_text)))
 
 
+_CUSTOM_CALL = re.compile(r'%?([\w.\-]+) = [^\n]*custom-call\([^\n]*custom_call_target="([^"]+)"')
+
+
+def executed_lapack_calls(compiled_text: str, run, steps: int = 4) -> dict[str, float]:
+  """``{routine: calls per step}`` that ``run()`` (one step of that program) executes.
+
+  Read from a profile (``jax.profiler``, a Perfetto trace): XLA:CPU records every thunk it
+  runs under its instruction's name, which the compiled text maps to its custom-call target;
+  calls in a branch the step skips do not count.
+  """
+  target = {m.group(1): m.group(2) for m in _CUSTOM_CALL.finditer(compiled_text)
+            if _LAPACK.search(f'custom_call_target="{m.group(2)}"')}
+  with tempfile.TemporaryDirectory() as folder:
+    jax.profiler.start_trace(folder, create_perfetto_trace=True)
+    for _ in range(steps):
+      run()
+    jax.profiler.stop_trace()
+    (trace,) = glob.glob(f'{folder}/**/perfetto_trace.json.gz', recursive=True)
+    with gzip.open(trace) as f:
+      events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  counts = collections.Counter(target[e['name']] for e in events
+                               if e.get('ph') == 'X' and e.get('name') in target)
+  return {routine: n / steps for routine, n in sorted(counts.items())}
+
+
 def measure_depth(depth: int, rounds: int, inner: int):
   key = jax.random.key(0)
   params0 = init_params(key, depth)
@@ -108,8 +139,10 @@ def measure_depth(depth: int, rounds: int, inner: int):
       jax.block_until_ready(loss)
 
     runners[name] = run
+    executed = executed_lapack_calls(compiled.as_text(), run) if calls else {}
     rows[name] = dict(depth=depth, optimizer=name, compile_s=compile_s,
-                      lapack_calls=sum(calls.values()), lapack_by_routine=calls)
+                      lapack_calls=sum(calls.values()), lapack_by_routine=calls,
+                      lapack_executed=sum(executed.values()), lapack_executed_by_routine=executed)
   times = _harness.interleaved(runners, rounds, inner)
   for name in rows:
     base = BASES.get(name)
@@ -140,7 +173,7 @@ def main(argv=None):
   depths = [int(d) for d in args.depths.split(',')]
   rows = []
   print(f'{"depth":>5} {"optimizer":>9} {"step ms":>22} {"÷ base":>20} {"LAPACK":>6} '
-        f'{"compile s":>9}')
+        f'{"run/step":>8} {"compile s":>9}')
   for depth in depths:
     depth_rows, _ = measure_depth(depth, args.rounds, args.inner)
     rows += depth_rows
@@ -148,7 +181,8 @@ def main(argv=None):
       ratio = _harness.fmt_spread(r['ratio'], '.2f') if 'ratio' in r else ''
       ms = {k: v * 1e3 if k != 'n' else v for k, v in r['time'].items()}
       print(f'{depth:>5} {r["optimizer"]:>9} {_harness.fmt_spread(ms, ".2f"):>22} '
-            f'{ratio:>20} {r["lapack_calls"]:>6} {r["compile_s"]:>9.1f}')
+            f'{ratio:>20} {r["lapack_calls"]:>6} {r["lapack_executed"]:>8.0f} '
+            f'{r["compile_s"]:>9.1f}')
   slopes = per_block(rows, depths)
   print(f'\nadded step time per block, depth {min(depths)} -> {max(depths)} (medians):')
   for name in optimizers():

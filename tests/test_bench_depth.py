@@ -33,3 +33,16 @@ def test_per_block_is_the_slope_between_the_extreme_depths():
   slopes = depth.per_block(rows, [2, 4])
   assert slopes['momentum'] == 1.0 and slopes['fop'] == 3.0
   assert slopes['fop/momentum'] == 3.0 and slopes['fop_adam/adam'] == 3.0
+
+
+def test_executed_calls_count_only_the_branch_taken():
+  p = jnp.eye(5) + 0.1
+  fn = jax.jit(lambda take, p: jax.lax.cond(take, lambda: jnp.linalg.eigh(p)[0],
+                                            lambda: jnp.diag(p)))
+  text = fn.lower(True, p).compile().as_text()
+  assert sum(depth.lapack_calls(text).values()) == 1   # in the program either way
+  for take, expected in ((True, 1.0), (False, 0.0)):
+    run = lambda take=take: jax.block_until_ready(fn(take, p))
+    run()
+    executed = depth.executed_lapack_calls(text, run, steps=2)
+    assert sum(executed.values()) == expected, executed
