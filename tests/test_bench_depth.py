@@ -46,3 +46,17 @@ def test_executed_calls_count_only_the_branch_taken():
     run()
     executed = depth.executed_lapack_calls(text, run, steps=2)
     assert sum(executed.values()) == expected, executed
+
+
+def test_profile_update_names_each_thunk_kind():
+  from benchmarks import profile_update
+  p = jnp.eye(5) + 0.1
+  fn = jax.jit(lambda p: jnp.linalg.eigh(2.0 * p + 1.0)[0] * 3.0)
+  text = fn.lower(p).compile().as_text()
+  kinds = profile_update.kinds(text)
+  assert 'lapack_ssyevd_ffi' in kinds.values()
+  run = lambda: jax.block_until_ready(fn(p))
+  run()
+  wall, by_kind, _ = profile_update.profile(run, text, steps=2)
+  assert by_kind['lapack_ssyevd_ffi'][1] == 1.0   # one call per step
+  assert wall > 0 and all(ms >= 0 for ms, _ in by_kind.values())
