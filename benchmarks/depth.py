@@ -115,7 +115,13 @@ def executed_lapack_calls(compiled_text: str, run, steps: int = 4) -> dict[str, 
   return {routine: n / steps for routine, n in sorted(counts.items())}
 
 
-def measure_depth(depth: int, rounds: int, inner: int):
+def measure_depth(depth: int, rounds: int, inner: int, count_calls=None, executed: bool = True):
+  """Rows per optimiser at this depth and the per-round times.
+
+  ``count_calls(hlo_text) -> {routine: count}`` (default :func:`lapack_calls`); ``executed``:
+  also read the calls a step runs from a profile (XLA:CPU's thunk names; CPU only).
+  """
+  count_calls = count_calls or lapack_calls
   key = jax.random.key(0)
   params0 = init_params(key, depth)
   rng = np.random.default_rng(0)
@@ -129,7 +135,7 @@ def measure_depth(depth: int, rounds: int, inner: int):
     t0 = time.perf_counter()
     compiled = step.lower(params, state, x, y).compile()
     compile_s = time.perf_counter() - t0
-    calls = lapack_calls(compiled.as_text())
+    calls = count_calls(compiled.as_text())
     box = [params, state]
     for _ in range(3):   # warm up past the first (untouched) and the first learning step
       box[0], box[1], _ = step(box[0], box[1], x, y)
@@ -139,10 +145,10 @@ def measure_depth(depth: int, rounds: int, inner: int):
       jax.block_until_ready(loss)
 
     runners[name] = run
-    executed = executed_lapack_calls(compiled.as_text(), run) if calls else {}
+    ran = executed_lapack_calls(compiled.as_text(), run) if calls and executed else {}
     rows[name] = dict(depth=depth, optimizer=name, compile_s=compile_s,
                       lapack_calls=sum(calls.values()), lapack_by_routine=calls,
-                      lapack_executed=sum(executed.values()), lapack_executed_by_routine=executed)
+                      lapack_executed=sum(ran.values()), lapack_executed_by_routine=ran)
   times = _harness.interleaved(runners, rounds, inner)
   for name in rows:
     base = BASES.get(name)

@@ -60,3 +60,13 @@ def test_profile_update_names_each_thunk_kind():
   wall, by_kind, _ = profile_update.profile(run, text, steps=2)
   assert by_kind['lapack_ssyevd_ffi'][1] == 1.0   # one call per step
   assert wall > 0 and all(ms >= 0 for ms, _ in by_kind.values())
+
+
+def test_accelerator_counts_solver_calls_of_any_backend():
+  from benchmarks import accelerator
+  text = ('%a = f32[4,4] custom-call(%p), custom_call_target="lapack_ssyevd_ffi"\n'
+          '%b = f32[4,4] custom-call(%q), custom_call_target="cusolver_geqrf_ffi"\n'
+          '%c = f32[4,4] custom-call(%r), custom_call_target="cusolver_syevd_ffi"\n'
+          '%d = f32[4,4] custom-call(%s), custom_call_target="xla_ffi_python_cpu_callback"\n')
+  assert accelerator.solver_calls(text) == {'lapack_ssyevd_ffi': 1, 'cusolver_geqrf_ffi': 1,
+                                            'cusolver_syevd_ffi': 1}
