@@ -70,3 +70,11 @@ def test_accelerator_counts_solver_calls_of_any_backend():
           '%d = f32[4,4] custom-call(%s), custom_call_target="xla_ffi_python_cpu_callback"\n')
   assert accelerator.solver_calls(text) == {'lapack_ssyevd_ffi': 1, 'cusolver_geqrf_ffi': 1,
                                             'cusolver_syevd_ffi': 1}
+
+
+def test_grouping_stacks_the_block_kernels():
+  from benchmarks import grouping
+  params = depth.init_params(jax.random.key(0), 3)
+  s = grouping.stacked_blocks(params, 3)
+  assert s['blocks']['kernel'].shape == (6, depth.WIDTH, depth.WIDTH)
+  assert (s['blocks']['kernel'][3] == params['blocks'][1]['fc2']['kernel']).all()
