@@ -8,6 +8,9 @@
   order rotated every round, so a noisy, shared machine slows every variant of a round alike.
 * :func:`ratios` -- a variant's time over a reference's, taken **per round** (both measured
   within the same round), then summarised by :func:`spread` (median, IQR, min-max).
+* :func:`profile_thunks` -- what XLA:CPU ran in a jitted step, from a ``jax.profiler`` trace:
+  its thunks' time and count by kind (:func:`thunk_kinds`: the op, a fusion's name stem, or a
+  custom call's target, e.g. ``lapack_sgeqrf_ffi``).
 * :func:`metadata` and :func:`write_json` -- ``{'meta': ..., <payload>}``: git commit, jax / jaxlib /
   optax / flax versions, Python, platform, CPU count, ``OPENBLAS_NUM_THREADS``,
   backend and devices, load average, the exact command line, the date (UTC), the parsed
@@ -21,14 +24,19 @@ import one another and the examples' shared code (``examples/common.py``) as the
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
+import glob
+import gzip
 import json
 import os
 import platform
 import shlex
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -139,6 +147,57 @@ def summarize(times: Mapping[str, Sequence[float]], ref: str | None = None
 def fmt_spread(s: Mapping[str, float], fmt: str = '.3f') -> str:
   """``median [min-max]``, as the benchmarks' tables print it."""
   return f"{s['median']:{fmt}} [{s['min']:{fmt}}-{s['max']:{fmt}}]"
+
+
+# ----------------------------------------------------------------------------- profiling
+
+_INSTRUCTION = re.compile(r'%?([\w.\-]+) = \S+ ([\w\-]+)\(')
+_CUSTOM_CALL = re.compile(r'%?([\w.\-]+) = [^\n]*custom-call\([^\n]*custom_call_target="([^"]+)"')
+
+
+def thunk_kinds(compiled_text: str) -> dict[str, str]:
+  """``{instruction name: kind}``: the op, a fusion's name stem, or a custom call's target."""
+  out = {m.group(1): m.group(2) for m in _INSTRUCTION.finditer(compiled_text)}
+  out.update({m.group(1): m.group(2) for m in _CUSTOM_CALL.finditer(compiled_text)})
+  for name, kind in out.items():
+    if kind == 'fusion':
+      out[name] = 'fusion:' + name.split('.')[0]
+  return out
+
+
+def profile_thunks(run: Callable[[], Any], compiled_text: str, steps: int):
+  """``run()`` (one step of the program ``compiled_text``) ``steps`` times under the profiler.
+
+  XLA:CPU records every thunk it runs under its instruction's name, which
+  :func:`thunk_kinds` maps to its kind; work in a branch a step skips does not count.
+  Returns, per step: the jitted call's wall ms, ``{kind: (ms, calls)}`` (costliest first)
+  and ``{instruction: ms}`` of the ten costliest instructions.
+  """
+  import jax   # here only: the rest of the harness never imports (or initialises) JAX
+  kind = thunk_kinds(compiled_text)
+  with tempfile.TemporaryDirectory() as folder:
+    jax.profiler.start_trace(folder, create_perfetto_trace=True)
+    for _ in range(steps):
+      run()
+    jax.profiler.stop_trace()
+    (trace,) = glob.glob(f'{folder}/**/perfetto_trace.json.gz', recursive=True)
+    with gzip.open(trace) as f:
+      events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  by_kind, count, by_name = collections.Counter(), collections.Counter(), collections.Counter()
+  wall = 0.0
+  for e in events:
+    if e.get('ph') != 'X':
+      continue
+    if e.get('name', '').startswith('PjitFunction'):
+      wall += e.get('dur', 0)
+    elif e.get('name') in kind:
+      by_kind[kind[e['name']]] += e.get('dur', 0)
+      count[kind[e['name']]] += 1
+      by_name[e['name']] += e.get('dur', 0)
+  per = lambda us: us / steps / 1e3
+  return (per(wall), {k: (per(v), count[k] / steps) for k, v in by_kind.most_common()},
+          {k: per(v) for k, v in by_name.most_common(10)})
 
 
 # ----------------------------------------------------------------------------- metadata, JSON

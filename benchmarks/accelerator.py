@@ -12,8 +12,8 @@ It prints, with the device named in the first line:
    the base optimiser per round, the solver calls in the compiled step (LAPACK on CPU,
    cuSOLVER/hipSOLVER on GPU: any custom call naming ``geqrf``, ``orgqr``, ``syevd``,
    ``potrf``, ...), the compile time, and the added time per block;
-2. **step ratios on four models**: the MLP 784-256-256-10 (batch 128), the All-CNN-C ×0.125
-   (batch 32), a Transformer block of width 512 (batch 8, 64 tokens) and the small depth model;
+2. **step ratios on three models**: the MLP 784-256-256-10 (batch 128), the All-CNN-C ×0.125
+   (batch 32), a Transformer block of width 512 (batch 8, 64 tokens);
    ``fop`` ÷ momentum and ``fop_adam`` ÷ adam per round, median [min-max].
 
 The results go to ``results/accelerator.json`` with the device, the versions and the command
@@ -22,42 +22,19 @@ The results go to ``results/accelerator.json`` with the device, the versions and
 
 from __future__ import annotations
 
-import collections
-import re
 import time
 
 import jax
 import optax
 
 import fop_optax
-from benchmarks import _harness, depth
-from benchmarks.overhead import cnn, mlp, transformer
+from benchmarks import _harness, before_after, depth
 
-_SOLVER = re.compile(r'custom_call_target="([^"]*(?:geqrf|orgqr|ungqr|syevd|heevd|potrf|getrf|'
-                     r'gesdd|gesvd|syevj|trsm|lapack|solver)[^"]*)"', re.IGNORECASE)
-
-MODELS = {
-    'mlp256': lambda: (mlp((784, 256, 256, 10)), 128),
-    'cnn': lambda: (cnn(0.125), 32),
-    'transformer512': lambda: (transformer(), 8),
-}
 PAIRS = (('momentum', 'fop'), ('adam', 'fop_adam'))
 
 
-def solver_calls(hlo_text: str) -> dict[str, int]:
-  """``{target: count}`` of the custom calls to a dense solver (LAPACK, cuSOLVER, ...)."""
-  return dict(collections.Counter(_SOLVER.findall(hlo_text)))
-
-
 def model_ratios(name: str, rounds: int, inner: int) -> dict:
-  (init, apply, make_inputs), batch = MODELS[name]()
-  params = init(jax.random.key(0))
-  x = make_inputs(jax.random.key(1), batch)
-  y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
-
-  def loss(p):
-    return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
-
+  params, loss = before_after.problem(name)
   runners, compile_s = {}, {}
   for opt, tx in depth.optimizers().items():
     @jax.jit
@@ -102,7 +79,7 @@ def main(argv=None):
   print(f'\n{"blocks":>6} {"optimizer":>9} {"step ms":>22} {"÷ base":>18} {"solver":>6} '
         f'{"compile s":>9}')
   for d in depths:
-    depth_rows, _ = depth.measure_depth(d, args.rounds, args.inner, count_calls=solver_calls,
+    depth_rows, _ = depth.measure_depth(d, args.rounds, args.inner,
                                         executed=jax.default_backend() == 'cpu')
     rows += depth_rows
     for r in depth_rows:

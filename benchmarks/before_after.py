@@ -33,7 +33,7 @@ import optax
 
 import fop_optax
 from benchmarks import _harness
-from benchmarks.overhead import cnn, mlp
+from benchmarks.overhead import cnn, mlp, transformer
 
 BEFORE = '6332358'   # the last commit before issue 27's refactor
 
@@ -67,10 +67,12 @@ def load_revision(rev: str, name: str = 'fop_optax_before'):
 MODELS = {   # name -> ((init, apply, make_inputs), batch): benchmarks.overhead's models
     'mlp256': lambda: (mlp((784, 256, 256, 10)), 128),
     'cnn': lambda: (cnn(0.125), 32),
+    'transformer512': lambda: (transformer(), 8),
 }
 
 
-def _problem(model: str):
+def problem(model: str):
+  """``(params, loss)`` of a model of :data:`MODELS` on a fixed synthetic batch."""
   (init, apply, make_inputs), batch = MODELS[model]()
   params = init(jax.random.key(0))
   x = make_inputs(jax.random.key(1), batch)
@@ -96,7 +98,7 @@ def main(argv=None):
   old = load_revision(args.rev)
   rows = []
   for model in args.models.split(','):
-    params, loss = _problem(model)
+    params, loss = problem(model)
     variants = {
         'momentum': optax.sgd(0.05, momentum=0.9),
         'fop before': old.fop(0.05, 0.9), 'fop after': fop_optax.fop(0.05, 0.9),

@@ -13,7 +13,7 @@ momentum, ``fop``, adam and ``fop_adam`` at each depth it reports:
 * the LAPACK calls in the compiled step (``custom_call`` targets naming a LAPACK routine:
   ``geqrf``, ``orgqr``, ``syevd``, ``potrf``, ...), counted in the program text, so calls in
   branches a step may skip count too ("LAPACK"), and those a learning step executes, read
-  from a profile ("run/step", :func:`executed_lapack_calls`);
+  from a profile ("run/step", :func:`executed_solver_calls`);
 * the compile time of the first step.
 
 Run from the repository root: ``python3 -m benchmarks.depth`` (``--quick``: depths 1 and 2,
@@ -23,11 +23,7 @@ Run from the repository root: ``python3 -m benchmarks.depth`` (``--quick``: dept
 from __future__ import annotations
 
 import collections
-import glob
-import gzip
-import json
 import re
-import tempfile
 import time
 
 import jax
@@ -80,48 +76,33 @@ def make_step(tx):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-_LAPACK = re.compile(r'custom_call_target="([^"]*(?:geqrf|orgqr|ungqr|syevd|heevd|potrf|getrf|'
-                     r'gesdd|trsm|syev|lapack)[^"]*)"')
+# A dense solver's custom call: LAPACK on CPU, cuSOLVER/hipSOLVER on GPU.
+_SOLVER = re.compile(r'geqrf|orgqr|ungqr|syevd|heevd|syevj|syev|potrf|getrf|gesdd|gesvd|trsm|'
+                     r'lapack|solver', re.IGNORECASE)
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 
 
-def lapack_calls(hlo_text: str) -> dict[str, int]:
-  """``{routine: count}`` of the LAPACK custom calls in a compiled program's text."""
-  return dict(collections.Counter(_LAPACK.findall(hlo_text)))
+def solver_calls(hlo_text: str) -> dict[str, int]:
+  """``{target: count}`` of the custom calls to a dense solver in a compiled program's text."""
+  return dict(collections.Counter(t for t in _TARGET.findall(hlo_text) if _SOLVER.search(t)))
 
 
-_CUSTOM_CALL = re.compile(r'%?([\w.\-]+) = [^\n]*custom-call\([^\n]*custom_call_target="([^"]+)"')
+def executed_solver_calls(compiled_text: str, run, steps: int = 4) -> dict[str, float]:
+  """``{target: calls per step}`` that ``run()`` (one step of that program) executes.
 
-
-def executed_lapack_calls(compiled_text: str, run, steps: int = 4) -> dict[str, float]:
-  """``{routine: calls per step}`` that ``run()`` (one step of that program) executes.
-
-  Read from a profile (``jax.profiler``, a Perfetto trace): XLA:CPU records every thunk it
-  runs under its instruction's name, which the compiled text maps to its custom-call target;
-  calls in a branch the step skips do not count.
+  Read from a profile (:func:`benchmarks._harness.profile_thunks`, XLA:CPU's thunks): calls
+  in a branch the step skips do not count.
   """
-  target = {m.group(1): m.group(2) for m in _CUSTOM_CALL.finditer(compiled_text)
-            if _LAPACK.search(f'custom_call_target="{m.group(2)}"')}
-  with tempfile.TemporaryDirectory() as folder:
-    jax.profiler.start_trace(folder, create_perfetto_trace=True)
-    for _ in range(steps):
-      run()
-    jax.profiler.stop_trace()
-    (trace,) = glob.glob(f'{folder}/**/perfetto_trace.json.gz', recursive=True)
-    with gzip.open(trace) as f:
-      events = json.load(f)
-  events = events['traceEvents'] if isinstance(events, dict) else events
-  counts = collections.Counter(target[e['name']] for e in events
-                               if e.get('ph') == 'X' and e.get('name') in target)
-  return {routine: n / steps for routine, n in sorted(counts.items())}
+  _, by_kind, _ = _harness.profile_thunks(run, compiled_text, steps)
+  return {k: n for k, (_, n) in sorted(by_kind.items()) if _SOLVER.search(k)}
 
 
-def measure_depth(depth: int, rounds: int, inner: int, count_calls=None, executed: bool = True):
+def measure_depth(depth: int, rounds: int, inner: int, executed: bool = True):
   """Rows per optimiser at this depth and the per-round times.
 
-  ``count_calls(hlo_text) -> {routine: count}`` (default :func:`lapack_calls`); ``executed``:
-  also read the calls a step runs from a profile (XLA:CPU's thunk names; CPU only).
+  ``executed``: also read the solver calls a step runs from a profile (XLA:CPU's thunk
+  names; CPU only).
   """
-  count_calls = count_calls or lapack_calls
   key = jax.random.key(0)
   params0 = init_params(key, depth)
   rng = np.random.default_rng(0)
@@ -135,7 +116,7 @@ def measure_depth(depth: int, rounds: int, inner: int, count_calls=None, execute
     t0 = time.perf_counter()
     compiled = step.lower(params, state, x, y).compile()
     compile_s = time.perf_counter() - t0
-    calls = count_calls(compiled.as_text())
+    calls = solver_calls(compiled.as_text())
     box = [params, state]
     for _ in range(3):   # warm up past the first (untouched) and the first learning step
       box[0], box[1], _ = step(box[0], box[1], x, y)
@@ -145,7 +126,7 @@ def measure_depth(depth: int, rounds: int, inner: int, count_calls=None, execute
       jax.block_until_ready(loss)
 
     runners[name] = run
-    ran = executed_lapack_calls(compiled.as_text(), run) if calls and executed else {}
+    ran = executed_solver_calls(compiled.as_text(), run) if calls and executed else {}
     rows[name] = dict(depth=depth, optimizer=name, compile_s=compile_s,
                       lapack_calls=sum(calls.values()), lapack_by_routine=calls,
                       lapack_executed=sum(ran.values()), lapack_executed_by_routine=ran)

@@ -5,7 +5,7 @@ benchmarks/depth.py's residual MLP at ``--depth`` blocks: ``fop``'s update with 
 stacked ``(2·depth, 256, 256)`` leaf with one ``P`` per stack index (``WithDimensions`` over
 ``batch=(0,)``, which runs the structure under ``jax.vmap``), and momentum's update for scale.
 Prints the update's median ms over interleaved rounds, the XLA:CPU thunks a step runs and the
-LAPACK calls it executes (benchmarks/profile_update.py's profile).
+LAPACK calls it executes (``benchmarks._harness.profile_thunks``).
 
   python3 -m benchmarks.grouping --depth 8
 """
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 import fop_optax
-from benchmarks import _harness, depth, profile_update
+from benchmarks import _harness, depth
 
 
 def stacked_blocks(tree, depth_: int):
@@ -67,7 +67,7 @@ def main(argv=None):
   rows = []
   print(f'{"update":>10} {"ms (median)":>12} {"thunks/step":>12}  LAPACK calls run per step')
   for name in cases:
-    _, by_kind, _ = profile_update.profile(runners[name], texts[name], 3)
+    _, by_kind, _ = _harness.profile_thunks(runners[name], texts[name], 3)
     lapack = {k: n for k, (_, n) in by_kind.items() if 'lapack' in k}
     row = dict(case=name, ms=statistics.median(times[name]) * 1e3,
                thunks=sum(n for _, n in by_kind.values()), lapack=lapack)

@@ -1,7 +1,7 @@
 """Where an optimiser's update spends its time: a profile of XLA:CPU's thunks by kind.
 
 The update of ``fop`` (or momentum, for reference) on benchmarks/depth.py's residual MLP is
-run under ``jax.profiler``; every thunk XLA:CPU executes is recorded under its instruction's
+run under ``jax.profiler`` (``benchmarks._harness.profile_thunks``); every thunk XLA:CPU executes is recorded under its instruction's
 name, which the compiled program maps to its kind (a fusion, a ``dot``, a LAPACK custom call
 such as ``lapack_sgeqrf_ffi``). Printed: the update's wall time per step and the thunks' time
 per step by kind, with their counts, and the costliest instructions. Run it with and without
@@ -13,12 +13,6 @@ per step by kind, with their counts, and the costliest instructions. Run it with
 
 from __future__ import annotations
 
-import collections
-import glob
-import gzip
-import json
-import re
-import tempfile
 import time
 
 import jax
@@ -27,48 +21,6 @@ import optax
 
 import fop_optax
 from benchmarks import _harness, depth
-
-_INSTRUCTION = re.compile(r'%?([\w.\-]+) = \S+ ([\w\-]+)\(')
-_CUSTOM_CALL = re.compile(r'%?([\w.\-]+) = [^\n]*custom-call\([^\n]*custom_call_target="([^"]+)"')
-
-
-def kinds(compiled_text: str) -> dict[str, str]:
-  """``{instruction name: kind}``: the op, a fusion's name stem, or a custom call's target."""
-  out = {m.group(1): m.group(2) for m in _INSTRUCTION.finditer(compiled_text)}
-  out.update({m.group(1): m.group(2) for m in _CUSTOM_CALL.finditer(compiled_text)})
-  for name, kind in out.items():
-    if kind == 'fusion':
-      out[name] = 'fusion:' + name.split('.')[0]
-  return out
-
-
-def profile(run, compiled_text: str, steps: int):
-  """Per step: wall ms of the jitted call, ``{kind: (ms, count)}``, ``{instruction: ms}``."""
-  kind = kinds(compiled_text)
-  with tempfile.TemporaryDirectory() as folder:
-    jax.profiler.start_trace(folder, create_perfetto_trace=True)
-    for _ in range(steps):
-      run()
-    jax.profiler.stop_trace()
-    (trace,) = glob.glob(f'{folder}/**/perfetto_trace.json.gz', recursive=True)
-    with gzip.open(trace) as f:
-      events = json.load(f)
-  events = events['traceEvents'] if isinstance(events, dict) else events
-  by_kind, count, by_name = collections.Counter(), collections.Counter(), collections.Counter()
-  wall = 0.0
-  for e in events:
-    if e.get('ph') != 'X':
-      continue
-    if e.get('name', '').startswith('PjitFunction'):
-      wall += e.get('dur', 0)
-    elif e.get('name') in kind:
-      by_kind[kind[e['name']]] += e.get('dur', 0)
-      count[kind[e['name']]] += 1
-      by_name[e['name']] += e.get('dur', 0)
-  per = lambda us: us / steps / 1e3
-  return (per(wall), {k: (per(v), count[k] / steps) for k, v in by_kind.most_common()},
-          {k: per(v) for k, v in by_name.most_common(10)})
-
 
 def main(argv=None):
   p = _harness.parser(__doc__.splitlines()[0], name='profile_update')
@@ -95,7 +47,7 @@ def main(argv=None):
     jax.block_until_ready(u)
 
   text = update.lower(grads, box[0], params).compile().as_text()
-  wall, by_kind, by_name = profile(run, text, args.steps)
+  wall, by_kind, by_name = _harness.profile_thunks(run, text, args.steps)
   thunk_ms = sum(ms for ms, _ in by_kind.values())
   thunks = sum(n for _, n in by_kind.values())
   print(f'{args.optimizer} update, depth {args.depth}: {wall:.2f} ms per step (wall); '

@@ -7,7 +7,7 @@ from benchmarks import depth
 
 
 def _calls(fn, *args):
-  return depth.lapack_calls(jax.jit(fn).lower(*args).compile().as_text())
+  return depth.solver_calls(jax.jit(fn).lower(*args).compile().as_text())
 
 
 def test_counts_one_call_per_solver():
@@ -40,35 +40,34 @@ def test_executed_calls_count_only_the_branch_taken():
   fn = jax.jit(lambda take, p: jax.lax.cond(take, lambda: jnp.linalg.eigh(p)[0],
                                             lambda: jnp.diag(p)))
   text = fn.lower(True, p).compile().as_text()
-  assert sum(depth.lapack_calls(text).values()) == 1   # in the program either way
+  assert sum(depth.solver_calls(text).values()) == 1   # in the program either way
   for take, expected in ((True, 1.0), (False, 0.0)):
     run = lambda take=take: jax.block_until_ready(fn(take, p))
     run()
-    executed = depth.executed_lapack_calls(text, run, steps=2)
+    executed = depth.executed_solver_calls(text, run, steps=2)
     assert sum(executed.values()) == expected, executed
 
 
-def test_profile_update_names_each_thunk_kind():
-  from benchmarks import profile_update
+def test_profile_names_each_thunk_kind():
+  from benchmarks import _harness
   p = jnp.eye(5) + 0.1
   fn = jax.jit(lambda p: jnp.linalg.eigh(2.0 * p + 1.0)[0] * 3.0)
   text = fn.lower(p).compile().as_text()
-  kinds = profile_update.kinds(text)
+  kinds = _harness.thunk_kinds(text)
   assert 'lapack_ssyevd_ffi' in kinds.values()
   run = lambda: jax.block_until_ready(fn(p))
   run()
-  wall, by_kind, _ = profile_update.profile(run, text, steps=2)
+  wall, by_kind, _ = _harness.profile_thunks(run, text, steps=2)
   assert by_kind['lapack_ssyevd_ffi'][1] == 1.0   # one call per step
   assert wall > 0 and all(ms >= 0 for ms, _ in by_kind.values())
 
 
-def test_accelerator_counts_solver_calls_of_any_backend():
-  from benchmarks import accelerator
+def test_solver_calls_of_any_backend():
   text = ('%a = f32[4,4] custom-call(%p), custom_call_target="lapack_ssyevd_ffi"\n'
           '%b = f32[4,4] custom-call(%q), custom_call_target="cusolver_geqrf_ffi"\n'
           '%c = f32[4,4] custom-call(%r), custom_call_target="cusolver_syevd_ffi"\n'
           '%d = f32[4,4] custom-call(%s), custom_call_target="xla_ffi_python_cpu_callback"\n')
-  assert accelerator.solver_calls(text) == {'lapack_ssyevd_ffi': 1, 'cusolver_geqrf_ffi': 1,
+  assert depth.solver_calls(text) == {'lapack_ssyevd_ffi': 1, 'cusolver_geqrf_ffi': 1,
                                             'cusolver_syevd_ffi': 1}
 
 
