@@ -389,7 +389,9 @@ def scale_by_fop(
         preconditioners=preconditioners,
         last_gradient=optax.tree.cast_like(updates, state.last_gradient),
         hyper_state=hyper_state,
-        spans=m_def.unflatten(_replicate_matrices(structs, spans, gs)) if keep_spans else (),
+        # (both branches of the online step leave them replicated: spans_in and
+        # project_and_apply's are pinned with the gradients' mesh)
+        spans=m_def.unflatten(spans) if keep_spans else (),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -16,6 +16,7 @@ with explicit and with auto axis types:
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import jax
@@ -214,7 +215,6 @@ def check_anywhere():
   Reports per case 'ok' plus the largest difference from the same run on one
   device and whether the parameters kept their shardings, or the error.
   """
-  import contextlib
   keys = jax.random.split(jax.random.key(3), len(ANYWHERE_SHAPES))
   params0 = {n: 0.3 * jax.random.normal(k, s)
              for k, (n, s) in zip(keys, ANYWHERE_SHAPES.items())}

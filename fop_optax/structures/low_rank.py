@@ -359,10 +359,13 @@ class LowRank(Structure):
     q, t = self._basis(m)
     bound = _STATE_BOUND_FACTOR * jnp.asarray(max_scale, t.dtype)
     mu1, w1 = _linalg.eigh(self._core(t))
-    over = 1 + mu1[-1] > bound
-    c = jax.lax.cond(over, lambda: self._bisect(t, bound), lambda: jnp.ones((), t.dtype))
-    mu, w = jax.lax.cond(over, lambda: tuple(_linalg.eigh(self._core(t, c))),
-                         lambda: (mu1, w1))
+
+    def shrunk():
+      c = self._bisect(t, bound)
+      return (c,) + tuple(_linalg.eigh(self._core(t, c)))
+
+    c, mu, w = jax.lax.cond(1 + mu1[-1] > bound, shrunk,
+                            lambda: (jnp.ones((), t.dtype), mu1, w1))
     r = t.shape[1] // 2
     t = jnp.concatenate([t[:, :r], c * t[:, r:]], axis=1)
     return jnp.stack([m[0], c * m[1]]), q, t, mu, w
