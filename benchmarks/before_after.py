@@ -11,6 +11,9 @@ versions after the timed steps are compared (max abs difference).
 
   python3 -m benchmarks.before_after --rev 6332358 --models mlp256,cnn --rounds 15
 
+``--models lm`` is the shared language-model task (:mod:`examples.lm`: a 2-layer Einsum-attention
+Transformer, 136,704 parameters) on one fixed batch of 8 windows of 64 bytes of its corpus.
+
 ``--update-only`` times the optimiser's update alone on a fixed gradient (the ratios are then
 of updates: fop's update over momentum's), for a change that touches only the update.
 """
@@ -34,6 +37,7 @@ import optax
 import fop_optax
 from benchmarks import _harness
 from benchmarks.overhead import cnn, mlp, transformer
+from examples import lm
 
 BEFORE = '6332358'   # the last commit before issue 27's refactor
 
@@ -68,12 +72,22 @@ MODELS = {   # name -> ((init, apply, make_inputs), batch): benchmarks.overhead'
     'mlp256': lambda: (mlp((784, 256, 256, 10)), 128),
     'cnn': lambda: (cnn(0.125), 32),
     'transformer512': lambda: (transformer(), 8),
+    # examples/lm.py's defaults; inputs are windows of seq + 1 = 65 corpus bytes, not synthetic
+    'lm': lambda: ((lm.init_params, lm.apply,
+                    lambda key, b: lm.batches(lm.split(lm.load_corpus())[0], b, 64, key)), 8),
 }
 
 
 def problem(model: str):
-  """``(params, loss)`` of a model of :data:`MODELS` on a fixed synthetic batch."""
+  """``(params, loss)`` of a model of :data:`MODELS` on a fixed batch.
+
+  Synthetic inputs and 10-class labels, except ``'lm'``: next-token cross-entropy
+  (:func:`examples.lm.loss_fn`) on a fixed batch of real corpus text.
+  """
   (init, apply, make_inputs), batch = MODELS[model]()
+  if model == 'lm':
+    tokens = make_inputs(jax.random.key(1), batch)
+    return init(jax.random.key(0)), lambda p: lm.loss_fn(p, tokens)
   params = init(jax.random.key(0))
   x = make_inputs(jax.random.key(1), batch)
   y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
