@@ -21,6 +21,7 @@ import optax
 from optax._src import numerics
 
 from fop_optax import _checks
+from fop_optax import _grouping
 from fop_optax import _sharding
 from fop_optax import online
 from fop_optax import structures as structures_lib
@@ -83,6 +84,22 @@ def _replicate_matrices(structs, ms, leaves):
   """
   return [jax.tree.map(lambda x: _sharding.replicate(x, leaf), m) if s.replicated_state else m
           for s, m, leaf in zip(structs, ms, leaves)]
+
+
+def _group_keys(structs, columns) -> list:
+  """Per leaf, what leaves must share to run as one group: structure and every array's type.
+
+  ``jax.typeof`` is shape, dtype and (under explicit mesh axes) sharding, so only
+  leaves that stack without a resharding are grouped (:func:`fop_optax._grouping.group_map`).
+  """
+  keys = []
+  for i, (s, row) in enumerate(zip(structs, zip(*columns))):
+    try:
+      hash(s)
+    except TypeError:   # a traced bound (optax.inject_hyperparams): the leaf runs alone
+      s = ('unhashable structure', i)
+    keys.append((s, jax.tree.structure(row), tuple(jax.typeof(x) for x in jax.tree.leaves(row))))
+  return keys
 
 
 def _check_tree_matches(name: str, updates, reference) -> None:
@@ -343,11 +360,11 @@ def scale_by_fop(
     # it leaves stale are replaced by project_and_apply's, made for the new M's.
     def hypergradients(w, last_gradient, gradient):
       ms, spans = w
-      return m_def.unflatten(_replicate_matrices(structs, [
-          hypergradient(s, m, span, g, gp).astype(m.dtype)
-          for s, m, span, g, gp in zip(structs, jax.tree.leaves(ms), spans,
-                                       jax.tree.leaves(gradient),
-                                       jax.tree.leaves(last_gradient))], gs))
+      ms = jax.tree.leaves(ms)
+      columns = (ms, spans, jax.tree.leaves(gradient), jax.tree.leaves(last_gradient))
+      return m_def.unflatten(_replicate_matrices(structs, _grouping.group_map(
+          lambda i, m, span, g, gp: hypergradient(structs[i], m, span, g, gp).astype(m.dtype),
+          _group_keys(structs, columns), *columns), gs))
 
     def calibrate_step(hyper_updates):
       return m_def.unflatten([
@@ -363,13 +380,15 @@ def scale_by_fop(
 
     def apply(w, inputs):
       ms, spans = w
-      return [precondition(s, m, span, g)
-              for s, m, span, g in zip(structs, jax.tree.leaves(ms), spans, inputs)]
+      columns = (jax.tree.leaves(ms), spans, inputs)
+      return _grouping.group_map(lambda i, m, span, g: precondition(structs[i], m, span, g),
+                                 _group_keys(structs, columns), *columns)
 
     def project_and_apply(w, inputs):
       ms, _ = w
-      triples = [project_and_precondition(s, m, g)
-                 for s, m, g in zip(structs, jax.tree.leaves(ms), inputs)]
+      columns = (jax.tree.leaves(ms), inputs)
+      triples = _grouping.group_map(lambda i, m, g: project_and_precondition(structs[i], m, g),
+                                    _group_keys(structs, columns), *columns)
       return ((m_def.unflatten(_replicate_matrices(structs, [m for m, _, _ in triples], gs)),
                _replicate_matrices(structs, [span for _, _, span in triples], gs)),
               [out for _, out, _ in triples])

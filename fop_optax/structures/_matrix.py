@@ -19,6 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fop_optax import _grouping
 from fop_optax import _linalg
 from fop_optax._sharding import replicated, spec_like
 
@@ -167,7 +168,7 @@ def _spectral_clip(p, bound):
   def clip(p):
     lam, q = _linalg.eigh(p)
     return (q * jnp.minimum(lam, bound)) @ q.T
-  return jax.lax.cond(_exceeds(p, bound), clip, lambda p: p, p)
+  return _grouping.cond(_exceeds(p, bound), clip, lambda p: p, p)
 
 
 def _clipped_derivative(p, c, bound):
@@ -176,4 +177,4 @@ def _clipped_derivative(p, c, bound):
     p, c = pc
     lam, q = _linalg.eigh(p)
     return q @ (_divided_differences(lam, bound) * (q.T @ c @ q)) @ q.T
-  return jax.lax.cond(_exceeds(p, bound), clipped, lambda pc: pc[1], (p, c))
+  return _grouping.cond(_exceeds(p, bound), clipped, lambda pc: pc[1], (p, c))

@@ -12,6 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from fop_optax import _grouping
 from fop_optax import _linalg
 from fop_optax.structures._base import Layout, Structure, register
 from fop_optax.structures._matrix import (
@@ -140,5 +141,5 @@ class Full(Structure):
         return jnp.eye(p.shape[0], dtype=p.dtype) * jnp.sqrt(bound / lam[-1])
       return (q * jnp.sqrt(jnp.minimum(1.0, bound / jnp.maximum(lam, bound)))) @ q.T
 
-    return m @ jax.lax.cond(_exceeds(p, bound), project,
+    return m @ _grouping.cond(_exceeds(p, bound), project,
                             lambda p: jnp.eye(p.shape[0], dtype=p.dtype), p).astype(m.dtype)
