@@ -17,7 +17,9 @@ momentum, ``fop``, adam and ``fop_adam`` at each depth it reports:
 * the compile time of the first step.
 
 Run from the repository root: ``python3 -m benchmarks.depth`` (``--quick``: depths 1 and 2,
-3 rounds, a smoke run of seconds).
+3 rounds, a smoke run of seconds). ``--rev REV`` times ``fop``/``fop_adam`` as they were at
+git revision ``REV`` in the same rounds (rows ``fop@REV``): a change's before and after in
+one run. "thunks/step" counts every runtime call a step executes (XLA:CPU thunks).
 """
 
 from __future__ import annotations
@@ -38,13 +40,23 @@ WIDTH, INPUTS, CLASSES, BATCH = 256, 784, 10, 128
 BASES = {'fop': 'momentum', 'fop_adam': 'adam'}
 
 
-def optimizers():
-  return {
+def optimizers(before=None, rev: str = ''):
+  """The four optimisers; with ``before`` (the package at ``rev``), its ``fop``/``fop_adam`` too."""
+  out = {
       'momentum': optax.sgd(0.05, momentum=0.9),
       'fop': fop_optax.fop(0.05, momentum=0.9),
       'adam': optax.adam(1e-3),
       'fop_adam': fop_optax.fop_adam(1e-3),
   }
+  if before is not None:
+    out[f'fop@{rev}'] = before.fop(0.05, momentum=0.9)
+    out[f'fop_adam@{rev}'] = before.fop_adam(1e-3)
+  return out
+
+
+def base_of(name: str):
+  """The base optimiser a ratio divides by (``fop@rev`` -> momentum), or ``None``."""
+  return BASES.get(name.split('@')[0])
 
 
 def init_params(key, depth: int):
@@ -87,21 +99,27 @@ def solver_calls(hlo_text: str) -> dict[str, int]:
   return dict(collections.Counter(t for t in _TARGET.findall(hlo_text) if _SOLVER.search(t)))
 
 
-def executed_solver_calls(compiled_text: str, run, steps: int = 4) -> dict[str, float]:
-  """``{target: calls per step}`` that ``run()`` (one step of that program) executes.
+def executed_calls(compiled_text: str, run, steps: int = 4) -> tuple[dict[str, float], float]:
+  """``({solver target: calls per step}, thunks per step)`` that ``run()`` (one step) executes.
 
-  Read from a profile (:func:`benchmarks._harness.profile_thunks`, XLA:CPU's thunks): calls
-  in a branch the step skips do not count.
+  Read from a profile (:func:`benchmarks._harness.profile_thunks`, XLA:CPU's thunks, each
+  a separate call of the runtime): calls in a branch the step skips do not count.
   """
   _, by_kind, _ = _harness.profile_thunks(run, compiled_text, steps)
-  return {k: n for k, (_, n) in sorted(by_kind.items()) if _SOLVER.search(k)}
+  solver = {k: n for k, (_, n) in sorted(by_kind.items()) if _SOLVER.search(k)}
+  return solver, sum(n for _, n in by_kind.values())
 
 
-def measure_depth(depth: int, rounds: int, inner: int, executed: bool = True):
+def executed_solver_calls(compiled_text: str, run, steps: int = 4) -> dict[str, float]:
+  """``{target: calls per step}`` that ``run()`` executes (:func:`executed_calls`)."""
+  return executed_calls(compiled_text, run, steps)[0]
+
+
+def measure_depth(depth: int, rounds: int, inner: int, executed: bool = True, txs=None):
   """Rows per optimiser at this depth and the per-round times.
 
-  ``executed``: also read the solver calls a step runs from a profile (XLA:CPU's thunk
-  names; CPU only).
+  ``executed``: also read the solver calls and thunks a step runs from a profile (XLA:CPU's
+  thunk names; CPU only). ``txs``: the optimisers (default :func:`optimizers`).
   """
   key = jax.random.key(0)
   params0 = init_params(key, depth)
@@ -109,7 +127,7 @@ def measure_depth(depth: int, rounds: int, inner: int, executed: bool = True):
   x = jnp.asarray(rng.normal(size=(BATCH, INPUTS)).astype(np.float32))
   y = jnp.asarray(rng.integers(0, CLASSES, size=BATCH).astype(np.int32))
   runners, rows = {}, {}
-  for name, tx in optimizers().items():
+  for name, tx in (optimizers() if txs is None else txs).items():
     step = make_step(tx)
     params = jax.tree.map(jnp.array, params0)
     state = tx.init(params)
@@ -126,13 +144,14 @@ def measure_depth(depth: int, rounds: int, inner: int, executed: bool = True):
       jax.block_until_ready(loss)
 
     runners[name] = run
-    ran = executed_solver_calls(compiled.as_text(), run) if calls and executed else {}
+    ran, thunks = executed_calls(compiled.as_text(), run) if executed else ({}, float('nan'))
     rows[name] = dict(depth=depth, optimizer=name, compile_s=compile_s,
                       lapack_calls=sum(calls.values()), lapack_by_routine=calls,
-                      lapack_executed=sum(ran.values()), lapack_executed_by_routine=ran)
+                      lapack_executed=sum(ran.values()), lapack_executed_by_routine=ran,
+                      thunks_executed=thunks)
   times = _harness.interleaved(runners, rounds, inner)
   for name in rows:
-    base = BASES.get(name)
+    base = base_of(name)
     rows[name]['time'] = _harness.spread(times[name])
     if base is not None:
       rows[name]['ratio'] = _harness.spread(_harness.ratios(times, base)[name])
@@ -140,14 +159,16 @@ def measure_depth(depth: int, rounds: int, inner: int, executed: bool = True):
 
 
 def per_block(rows, depths):
-  """Added median step time per block between the smallest and largest depth."""
+  """Added median step time per block between the smallest and largest depth, and its ratios."""
   lo, hi = min(depths), max(depths)
   med = {(r['optimizer'], r['depth']): r['time']['median'] for r in rows}
   out = {}
-  for name in optimizers():
+  for name in dict.fromkeys(r['optimizer'] for r in rows):
     out[name] = (med[name, hi] - med[name, lo]) / (hi - lo)
-  for name, base in BASES.items():
-    out[f'{name}/{base}'] = out[name] / out[base] if out[base] > 0 else float('nan')
+  for name in list(out):
+    base = base_of(name)
+    if base is not None:
+      out[f'{name}/{base}'] = out[name] / out[base] if out[base] > 0 else float('nan')
   return out
 
 
@@ -155,27 +176,35 @@ def main(argv=None):
   p = _harness.parser(__doc__.splitlines()[0], name='depth', rounds=10)
   p.add_argument('--depths', default='2,8,32', help='numbers of blocks (default %(default)s)')
   p.add_argument('--inner', type=int, default=3, help='steps per round and optimiser')
+  p.add_argument('--rev', default=None,
+                 help='also time fop and fop_adam as they were at this git revision, in the '
+                 'same rounds (benchmarks.before_after.load_revision): before and after in one run')
   args = _harness.apply_quick(p.parse_args(argv), p, depths='1,2', rounds=3, inner=1)
   t0 = time.perf_counter()
   depths = [int(d) for d in args.depths.split(',')]
+  before = None
+  if args.rev:
+    from benchmarks.before_after import load_revision
+    before = load_revision(args.rev)
   rows = []
-  print(f'{"depth":>5} {"optimizer":>9} {"step ms":>22} {"÷ base":>20} {"LAPACK":>6} '
-        f'{"run/step":>8} {"compile s":>9}')
+  print(f'{"depth":>5} {"optimizer":>16} {"step ms":>22} {"÷ base":>20} {"LAPACK":>6} '
+        f'{"run/step":>8} {"thunks/step":>11} {"compile s":>9}')
   for depth in depths:
-    depth_rows, _ = measure_depth(depth, args.rounds, args.inner)
+    depth_rows, _ = measure_depth(depth, args.rounds, args.inner,
+                                  txs=optimizers(before, args.rev or ''))
     rows += depth_rows
     for r in depth_rows:
       ratio = _harness.fmt_spread(r['ratio'], '.2f') if 'ratio' in r else ''
       ms = {k: v * 1e3 if k != 'n' else v for k, v in r['time'].items()}
-      print(f'{depth:>5} {r["optimizer"]:>9} {_harness.fmt_spread(ms, ".2f"):>22} '
+      print(f'{depth:>5} {r["optimizer"]:>16} {_harness.fmt_spread(ms, ".2f"):>22} '
             f'{ratio:>20} {r["lapack_calls"]:>6} {r["lapack_executed"]:>8.0f} '
-            f'{r["compile_s"]:>9.1f}')
+            f'{r["thunks_executed"]:>11.0f} {r["compile_s"]:>9.1f}', flush=True)
   slopes = per_block(rows, depths)
   print(f'\nadded step time per block, depth {min(depths)} -> {max(depths)} (medians):')
-  for name in optimizers():
-    print(f'  {name:>9}: {slopes[name] * 1e3:.3f} ms')
-  for name, base in BASES.items():
-    print(f'  {name} ÷ {base}: {slopes[f"{name}/{base}"]:.2f}')
+  for name in [n for n in slopes if '/' not in n]:
+    print(f'  {name:>16}: {slopes[name] * 1e3:.3f} ms')
+  for name in [n for n in slopes if '/' in n]:
+    print(f'  {name.replace("/", " ÷ ")}: {slopes[name]:.2f}')
   meta = _harness.metadata(args, module='benchmarks.depth', t0=t0)
   _harness.write_json(args.out, meta, rows=rows, per_block=slopes)
 
