@@ -24,7 +24,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ['eigh', 'eigvalsh', 'cholesky', 'qr', 'orthonormal_basis']
+__all__ = ['eigh', 'eigvalsh', 'cholesky', 'qr']
 
 
 def _looped_under_vmap(fn: Callable) -> Callable:
@@ -66,53 +66,3 @@ cholesky.__doc__ = ('Lower Cholesky factor (NaNs where ``p`` is not positive def
 qr = _looped_under_vmap(lambda b: tuple(jnp.linalg.qr(b)))
 qr.__doc__ = ('``(Q, R)``: reduced Householder QR of a tall matrix (LAPACK ``geqrf``), looped '
               'under ``vmap`` on CPU.')
-
-
-# The first pass of orthonormal_basis scales directions whose squared singular value is below
-# this many ε·k (relative to the largest) down instead of up; the second pass drops those
-# that stay below _KEEP.
-_SHIFT = 1e-2
-_KEEP = 0.25
-
-
-@jax.custom_jvp
-def orthonormal_basis(b: jax.Array) -> jax.Array:
-  """``Q`` (a×k): orthonormal columns spanning ``b``'s columns (a×k, unit or zero norm), or zeros.
-
-  Two passes of an eigendecomposition of the small Gram matrix ("CholeskyQR2"
-  with ``eigh`` in place of Cholesky, so that rank-deficient ``b`` are served):
-  ``BᵀB = SΛSᵀ`` gives ``Y = B S Λ^{-1/2}`` (``Λ`` floored at ``1e-2·k·ε·λ_max``,
-  which scales directions below it down instead of amplifying their
-  rounding), and the eigendecomposition of ``YᵀY`` orthonormalises ``Y`` again
-  to rounding, dropping the directions that stayed small (columns of zeros).
-  ``Q`` is orthonormal to rounding (about ``10ε``); a column's component outside
-  ``span(Q)`` is below about ``√(1e-2·k·ε)`` (3e-5 in float32 for ``k = 16``),
-  and at rounding level unless ``b`` is that close to rank-deficient.
-
-  Every LAPACK call is a (k×k) ``eigh``; a Householder QR of the tall ``b``
-  (LAPACK ``geqrf``/``orgqr``) runs multi-threaded in OpenBLAS, which stalls
-  for milliseconds per call when XLA:CPU's own threads are busy (``OPENBLAS_NUM_THREADS=1``
-  avoided it); the products here are XLA's own.
-
-  Derivatives follow the span, not the basis (an eigenbasis of a Gram matrix
-  with repeated eigenvalues has none): ``dQ = (I − QQᵀ) dB R⁺`` with
-  ``R = QᵀB`` (``B = QR``), the motion of ``span(B)`` carried by ``Q``, so that
-  whatever depends only on the span and on ``Q``'s products with it is
-  differentiated exactly.
-  """
-  k = b.shape[1]
-  eps = jnp.finfo(b.dtype).eps
-  lam, s = eigh(b.T @ b)
-  floor = _SHIFT * k * eps * jnp.maximum(lam[-1], jnp.finfo(b.dtype).tiny)
-  y = b @ (s / jnp.sqrt(jnp.maximum(lam, floor)))
-  lam2, s2 = eigh(y.T @ y)
-  keep = lam2 > _KEEP
-  return y @ (s2 * jnp.where(keep, 1 / jnp.sqrt(jnp.where(keep, lam2, 1.0)), 0.0))
-
-
-@orthonormal_basis.defjvp
-def _orthonormal_basis_jvp(primals, tangents):
-  (b,), (db,) = primals, tangents
-  q = orthonormal_basis(b)
-  r_pinv = jnp.linalg.pinv(q.T @ b)
-  return q, (db - q @ (q.T @ db)) @ r_pinv

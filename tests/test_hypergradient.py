@@ -259,12 +259,12 @@ def test_theorem1_gamma_at_delta_one_is_fop_norm():
 
 
 def test_span_basis_is_orthonormal_with_dependent_columns():
-  """[U, V] with numerically dependent columns (float32): Q's columns stay orthonormal and span them.
+  """[U, V] with numerically dependent columns (float32): Q stays orthonormal and spans them.
 
   Adam's sign-like first hyper steps make V's columns nearly equal (rank one); at the
   start V = 0. The guard's basis must stay orthonormal and reproduce [U, V] = Q T in
   both cases (Gram–Schmidt that normalised the rounding noise of a dependent column
-  gave QᵀQ off-diagonals of 0.6); the directions it drops are columns of zeros.
+  gave QᵀQ off-diagonals of 0.6).
   """
   with jax.enable_x64(False):
     key = jax.random.key(5)
@@ -276,12 +276,7 @@ def test_span_basis_is_orthonormal_with_dependent_columns():
       q, t = S.LowRank._basis(m)
       q, t = np.asarray(q, np.float64), np.asarray(t, np.float64)
       assert q.shape == (70, 16) and t.shape == (16, 16)
-      # Orthonormal columns, and columns of zeros for the directions it drops.
-      norms = np.linalg.norm(q, axis=0)
-      kept = norms > 0.5
-      np.testing.assert_array_equal(q[:, ~kept], 0.0)
-      np.testing.assert_allclose(q.T @ q, np.diag(kept.astype(float)), atol=1e-5)
-      assert kept.sum() >= np.linalg.matrix_rank(np.concatenate([u, v_case], axis=1), tol=1e-3)
+      np.testing.assert_allclose(q.T @ q, np.eye(16), atol=1e-5)
       b = np.concatenate([np.asarray(u, np.float64), np.asarray(v_case, np.float64)], axis=1)
       # Every column is reproduced to rounding of its own norm (V's 1e-4 scale included).
       residual = np.linalg.norm(b - q @ t, axis=0)

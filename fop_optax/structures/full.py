@@ -142,4 +142,4 @@ class Full(Structure):
       return (q * jnp.sqrt(jnp.minimum(1.0, bound / jnp.maximum(lam, bound)))) @ q.T
 
     return m @ _grouping.cond(_exceeds(p, bound), project,
-                            lambda p: jnp.eye(p.shape[0], dtype=p.dtype), p).astype(m.dtype)
+                              lambda p: jnp.eye(p.shape[0], dtype=p.dtype), p).astype(m.dtype)

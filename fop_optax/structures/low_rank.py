@@ -90,25 +90,23 @@ class LowRank(Structure):
 
     ``span(U, V)`` is invariant under ``P = MᵀM`` and ``P = I`` on its complement,
     so ``P``'s eigenpairs other than 1 are those of ``Qᵀ P Q`` (k×k), with
-    eigenvectors ``Q·y``. ``Q`` is :func:`fop_optax._linalg.orthonormal_basis` of
-    ``[U, V]`` with unit-norm columns (``M`` only depends on ``UVᵀ``, so ``U`` and ``V``
-    can differ in scale by orders of magnitude): two eigendecompositions of the
-    (2r×2r) Gram matrix, orthonormal to rounding and spanning every column, also
-    where ``[U, V]`` is rank-deficient (``V = 0`` at the start, or of rank one after
-    Adam's sign-like first steps), where the directions it drops are columns of
-    zeros. ``T = Qᵀ[U, V]``, so ``[U, V] = Q T`` and every other small matrix of the
-    guard comes from ``T`` without another pass over the (a×2r) factors. ``k = 2r``,
-    or ``Q = I`` (``k = a``) when ``2r ≥ a``. (Not a Householder QR: LAPACK runs that
-    multi-threaded in OpenBLAS, which stalls for milliseconds per call beside
-    XLA:CPU's own threads; nor Gram–Schmidt in a loop, whose small products each
-    pay a fixed cost per iteration.)
+    eigenvectors ``Q·y``. ``Q`` is the Householder QR (LAPACK) of ``[U, V]`` with
+    unit-norm columns (``M`` only depends on ``UVᵀ``, so ``U`` and ``V`` can differ in
+    scale by orders of magnitude): orthonormal to rounding and spanning every column
+    to rounding, also where ``[U, V]`` is rank-deficient (``V = 0`` at the start, or
+    of rank one after Adam's sign-like first steps), where its extra columns are
+    directions with ``P = I``. ``[U, V] = Q T`` with ``T = R·diag(‖column‖)``, so every
+    other small matrix of the guard comes from ``T`` without another pass over the
+    (a×2r) factors. ``k = 2r``, or ``Q = I`` (``k = a``) when ``2r ≥ a``.
+    (A QR rather than Gram–Schmidt in a loop, whose small products each pay a fixed
+    cost per iteration.)
     """
     b = jnp.concatenate([m[0], m[1]], axis=1)
     if b.shape[1] >= b.shape[0]:   # span(U, V) may be everything: take Q = I
       return jnp.eye(b.shape[0], dtype=m.dtype), b
     d = jnp.sqrt(jnp.sum(jnp.square(b), axis=0))
-    q = _linalg.orthonormal_basis(b / jnp.where(d > 0, d, 1.0))
-    return q, q.T @ b
+    q, r = _linalg.qr(b / jnp.where(d > 0, d, 1.0))
+    return q, r * d
 
   @staticmethod
   def _core(t, c=1.0):
@@ -155,7 +153,7 @@ class LowRank(Structure):
     # Both branches replicated under an explicit mesh, so that their types agree.
     m0, cached = span[0], tuple(_sharding.replicate(x) for x in span[1:])
     return _grouping.cond(jnp.array_equal(m0, m), lambda: cached,
-                        lambda: tuple(_sharding.replicate(x) for x in self._span(m)))
+                          lambda: tuple(_sharding.replicate(x) for x in self._span(m)))
 
   def init_span(self, m):
     """A span of zeros: no solver runs in ``init``.
@@ -368,7 +366,7 @@ class LowRank(Structure):
       return (c,) + tuple(_linalg.eigh(self._core(t, c)))
 
     c, mu, w = _grouping.cond(1 + mu1[-1] > bound, shrunk,
-                            lambda: (jnp.ones((), t.dtype), mu1, w1))
+                              lambda: (jnp.ones((), t.dtype), mu1, w1))
     r = t.shape[1] // 2
     t = jnp.concatenate([t[:, :r], c * t[:, r:]], axis=1)
     return jnp.stack([m[0], c * m[1]]), q, t, mu, w
