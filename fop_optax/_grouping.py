@@ -32,7 +32,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
-__all__ = ['cond', 'group_map']
+__all__ = ['cond', 'group_map', 'vmap']
 
 
 def _vmapped(fun, in_batched, axis_size):
@@ -139,6 +139,21 @@ def cond(pred: jax.Array, true_fun: Callable, false_fun: Callable, *operands: An
   return differentiable(jnp.asarray(pred), args)
 
 
+def vmap(fun: Callable, in_axes: Any = 0) -> Callable:
+  """``jax.vmap(fun, in_axes)`` whose :func:`cond` branches are decided per batch, as in a group.
+
+  For a leaf that is itself a stack (:class:`~fop_optax.structures.WithDimensions` with batch
+  axes, e.g. the layers of an ``nnx.scan``): its members' skips are decided together.
+  """
+  def batched(*args):
+    _active[0] += 1   # read while fun is traced, which happens inside this call
+    try:
+      return jax.vmap(fun, in_axes=in_axes)(*args)
+    finally:
+      _active[0] -= 1
+  return batched
+
+
 def group_map(fun: Callable, keys: Sequence[Hashable], *columns: Sequence[Any]) -> list[Any]:
   """``[fun(i, *row) for row in zip(*columns)]``, one batched call per group of equal ``keys``.
 
@@ -164,11 +179,7 @@ def group_map(fun: Callable, keys: Sequence[Hashable], *columns: Sequence[Any]) 
       out[first] = fun(first, *rows[first])
       continue
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[rows[i] for i in members])
-    _active[0] += 1
-    try:
-      results = jax.vmap(lambda *row: fun(first, *row))(*stacked)
-    finally:
-      _active[0] -= 1
+    results = vmap(lambda *row: fun(first, *row))(*stacked)
     for k, i in enumerate(members):
       out[i] = jax.tree.map(lambda x: x[k], results)
   return out

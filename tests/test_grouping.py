@@ -175,3 +175,40 @@ def test_a_group_compiles_its_linear_algebra_once():
   one, three = eighs(1), eighs(3)
   assert 0 < three < 3 * one
   assert eighs(8) == three
+
+
+def test_a_stacked_leaf_decides_its_branches_per_stack():
+  """WithDimensions over a batch axis (an nnx.scan stack) runs its members as one group.
+
+  Its guard's skip-if-unneeded branches stay branches: a learning step on a stack of 4 whose
+  ``P`` are far inside the bound executes a few eigensolvers per member, not the 16
+  eigenvalue solves of the shrink's bisection that a plain ``vmap`` (a select running both
+  branches) would execute for every member. Read from a profile (XLA:CPU thunks). And ``P·G``
+  of the stack equals, per slice, the structure's on that slice alone.
+  """
+  from benchmarks import depth
+  st = fop_optax.WithDimensions(fop_optax.structures.LowRank(rank=2),
+                                fop_optax.FopDimensionNumbers(rows=(1,), batch=(0,)))
+  params = {'w': jax.random.normal(jax.random.key(0), (4, 40, 24)) / 6}
+  g = jax.tree.map(lambda x: jnp.sin(3 * x), params)
+  tx = fop_optax.scale_by_fop(0.1, structures=st)
+  update = jax.jit(tx.update)
+  box = [tx.init(params)]
+  for _ in range(2):
+    _, box[0] = update(g, box[0], params)
+
+  def run():
+    u, box[0] = update(g, box[0], params)
+    jax.block_until_ready(u)
+
+  if jax.default_backend() == 'cpu':
+    text = update.lower(g, box[0], params).compile().as_text()
+    executed = depth.executed_solver_calls(text, run, steps=2)
+    eigen = sum(n for k, n in executed.items() if 'syevd' in k)
+    assert 0 < eigen <= 3 * 4, executed
+  state = box[0]
+  p_stack = st.precondition(state.preconditioners['w'], g['w'])
+  for k in range(4):
+    single = fop_optax.structures.LowRank(rank=2)
+    np.testing.assert_allclose(p_stack[k], single.precondition(state.preconditioners['w'][k],
+                                                               g['w'][k]), rtol=1e-5, atol=1e-6)

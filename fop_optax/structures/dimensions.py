@@ -24,6 +24,7 @@ from typing import ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fop_optax import _grouping
 from fop_optax.structures._base import Layout, Structure
 from fop_optax.structures._matrix import Shape
 from fop_optax.structures.full import Full
@@ -79,7 +80,7 @@ def normalize_dimensions(dims: FopDimensionNumbers, ndim: int) -> tuple[
 def _batched(fn: Callable, n: int, in_axes) -> Callable:
   """``fn`` vmapped ``n`` times over the leading axis of the arguments ``in_axes`` marks 0."""
   for _ in range(n):
-    fn = jax.vmap(fn, in_axes=in_axes)
+    fn = _grouping.vmap(fn, in_axes=in_axes)   # the members' branches decided together
   return fn
 
 
