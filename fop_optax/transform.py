@@ -160,6 +160,13 @@ def scale_by_fop(
   such steps; wrap this transformation in :func:`fop_optax.skip_nonfinite` to
   do the same by hand.
 
+  Leaves that share a structure, shapes, dtypes and sharding (the layers of a
+  Transformer) are processed as one group: stacked inside ``update``, their linear
+  algebra runs once per group (``jax.vmap``), with each skip (the guard's
+  certificate, the reuse of a span) decided for the group; the state keeps one
+  entry per leaf. Reverse-mode derivatives through ``update`` are available,
+  forward mode (``jax.jvp``) is not for grouped leaves.
+
   Parameters must be real floating point: a complex leaf is rejected at
   ``init`` (split it into real and imaginary parts). Updates keep the
   parameters' dtypes. The state's matrices have the parameters' tree structure
