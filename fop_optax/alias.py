@@ -85,7 +85,8 @@ def fop(
     max_scale: the guard's bound on ``λ_max(P)``, see
       :func:`fop_optax.scale_by_fop`; ``None`` disables it.
     gamma: ``(δ, p_∞)``, Theorem 1's normalisation ``P/(δ(t)‖P‖₂ + (1 − δ(t))p_∞)``,
-      see :func:`fop_optax.scale_by_fop`.
+      of the ``P`` clipped at ``max_scale`` (``None``: of the unbounded ``P``), see
+      :func:`fop_optax.scale_by_fop`.
     update_every: learn ``P`` on every ``k``-th step only (the hypergradient's
       cost paid once in ``k`` steps), see :func:`fop_optax.scale_by_fop`.
 

@@ -217,8 +217,12 @@ def scale_by_fop(
       ``P̃ = P/γ(t)`` with ``γ(t) = δ(t)·‖P‖₂ + (1 − δ(t))·p_∞``, ``δ`` a float in
       ``[0, 1]`` or an optax schedule (e.g. decaying from 1 to 0: FOP-norm first,
       a fixed scale ``1/p_∞`` later), ``p_∞ > 0``. The hypergradient includes
-      ``γ``'s dependence on ``M`` (``∂‖P‖₂/∂M = 2Mvvᵀ``). Replaces ``normalize``
-      and the guard (``λ_max(P̃) = λ/γ ≤ 1/δ``); ``None``: off.
+      ``γ``'s dependence on ``M`` (``∂‖P‖₂/∂M = 2Mvvᵀ``). Replaces ``normalize``.
+      The guard is kept: with ``max_scale = B`` (default 1) ``P`` is clipped first,
+      ``P̃ = min(P, B)/γ(t)`` with ``‖·‖₂`` that of the clipped ``P`` (``min(λ_max, B)``),
+      so no direction's step is ever more than ``B/γ`` times the base optimiser's;
+      ``max_scale=None`` gives the paper's form, ``P/γ(t)`` of the unbounded ``P``
+      (``λ_max(P̃) = λ/γ ≤ 1/δ``). ``None``: off.
     update_every: ``k``: the hypergradient and the hyper step run on every
       ``k``-th call only (calls ``k, 2k, ...``; default 1, every call). On the
       others ``M`` is kept and only ``P·G`` is applied (and ``G`` stored), so
@@ -277,7 +281,6 @@ def scale_by_fop(
       raise ValueError(f'gamma: δ must be in [0, 1] (or a schedule), got {delta}')
     if not p_inf > 0:
       raise ValueError(f'gamma: p_∞ must be > 0, got {p_inf}')
-    max_scale = None   # P̃ = P/γ: the raw P is learned unclipped
   _checks.check_int('update_every', update_every, allow_none=True, where='scale_by_fop')
   every = 1 if update_every is None else int(update_every)
   rule = dict(max_full_dim=max_full_dim, rank=rank, normalize=normalize, max_scale=max_scale)
@@ -332,11 +335,25 @@ def scale_by_fop(
     def span_kw(span):   # only a structure with a non-empty span takes the argument
       return {'span': span} if span else {}
 
+    def applied_top(s, m):
+      """``(λ, ∂λ/∂M)`` of the ``P`` that γ normalises: ``min(λ_max(MᵀM), B)`` under a bound ``B``.
+
+      At the bound up to rounding (where the projection leaves it) ``λ`` counts as unclipped,
+      as in the guard's own derivative (``structures._matrix._KINK_RTOL``).
+      """
+      lam, dlam = s.top_eigen(m)
+      bound = s.max_scale
+      if bound is None:
+        return lam, dlam
+      over = lam > bound * (1 + structures_lib._KINK_RTOL)
+      return jnp.minimum(lam, bound).astype(lam.dtype), jnp.where(over, 0.0, dlam).astype(dlam.dtype)
+
     def hypergradient(s, m, span, g, gp):
       if gamma is None or not s.preconditions:
         return s.hypergradient(m, g, gp, eta, **span_kw(span))
-      # J ≈ −η⟨C, P/γ⟩: ∂J/∂M = −(η/γ) ∂⟨C, P⟩/∂M + (η δ ⟨C, P⟩/γ²) ∂λ/∂M, ⟨C, P⟩ = ⟨G_t, P G_p⟩.
-      lam, dlam = s.top_eigen(m)
+      # J ≈ −η⟨C, P̃/γ⟩ (P̃ the clipped P under a bound): ∂J/∂M = −(η/γ) ∂⟨C, P̃⟩/∂M
+      # + (η δ ⟨C, P̃⟩/γ²) ∂λ/∂M, ⟨C, P̃⟩ = ⟨G_t, P̃ G_p⟩, λ = λ_max(P̃).
+      lam, dlam = applied_top(s, m)
       gam, d = gamma_at(jnp.maximum(state.count - 1, 0), lam)
       cp = jnp.vdot(g.astype(m.dtype), s.precondition(m, gp).astype(m.dtype))
       return s.hypergradient(m, g, gp, eta / gam) + (eta * d * cp / gam ** 2) * dlam
@@ -344,7 +361,7 @@ def scale_by_fop(
     def precondition(s, m, span, g):
       if gamma is None or not s.preconditions:
         return s.precondition(m, g, **span_kw(span))
-      gam, _ = gamma_at(state.count, s.top_eigen(m)[0])
+      gam, _ = gamma_at(state.count, applied_top(s, m)[0])
       return (s.precondition(m, g) / gam.astype(m.dtype)).astype(g.dtype)
 
     def project_and_precondition(s, m, g):
