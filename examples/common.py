@@ -249,7 +249,8 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, momentum: f
   if name == 'fop_adam':
     return fop_optax.fop_adam(adam_lr, hyper_learning_rate=h)
   if name in FOP_ARMS:
-    return fop_optax.fop(lr, mom, hyper_optimizer=optax.adam(PAPER_HYPER_LR), **fop_arm_rule(name))
+    return fop_optax.fop(lr, mom, hyper_optimizer=optax.adam(PAPER_HYPER_LR), **fop_arm_rule(name),
+                         **fop_arm_scale(name))
   raise ValueError(f'unknown optimiser {name!r}; expected one of {", ".join(LABELS)}')
 
 
@@ -258,11 +259,14 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, momentum: f
 # no per-leaf calibration of the step), differing only in the bound on λ_max(P).
 PAPER_HYPER_LR = 1e-4
 SPATIAL_BOUND = 4.0
+# The paper's training length (58,000 steps at batch 128): γ(t)'s δ decays over it.
+PAPER_STEPS = 58000
 FOP_ARMS = {
     'fop_paper': 'FOP (paper: P = MᵀM unbounded)',
     'fop_b1': 'FOP (bound 1)',
     'fop_s4': f'FOP (bound {SPATIAL_BOUND:g} spatial, 1 dense)',
     'fop_norm_paper': 'FOP-norm (paper)',
+    'fop_gamma_b1': 'FOP, γ(t) with bound 1',
 }
 
 
@@ -278,7 +282,7 @@ def _spatial_bound(params, bound: float = SPATIAL_BOUND):
 def fop_arm_rule(name: str) -> dict:
   """The keywords that set FOP variant ``name``'s structures and bound, as given to
   :func:`fop_optax.fop` and to :mod:`fop_optax.diagnostics` (so ``P`` is read as applied)."""
-  if name in ('fop', 'fop_adam', 'fop_b1'):
+  if name in ('fop', 'fop_adam', 'fop_b1', 'fop_gamma_b1'):
     return {}
   if name in ('fop_norm', 'fop_norm_paper'):
     return dict(normalize=True)
@@ -287,6 +291,19 @@ def fop_arm_rule(name: str) -> dict:
   if name == 'fop_s4':
     return dict(structures=_spatial_bound)
   raise ValueError(f'{name!r} is not a FOP variant')
+
+
+def fop_arm_scale(name: str) -> dict:
+  """FOP variant ``name``'s normalisation keywords for :func:`fop_optax.fop` only.
+
+  ``fop_gamma_b1``: Theorem 1's ``P̃ = min(P, 1)/γ(t)``, ``γ = δ(t)·min(λ_max, 1) + (1 − δ(t))``
+  with ``δ`` decaying linearly from 1 to 0 over the paper's 58,000 steps (FOP-norm of the
+  clipped ``P`` first, the bounded ``P`` itself at the end). The diagnostics read the clipped
+  ``P`` before the division by ``γ``.
+  """
+  if name == 'fop_gamma_b1':
+    return dict(gamma=(optax.linear_schedule(1.0, 0.0, transition_steps=PAPER_STEPS), 1.0))
+  return {}
 
 
 LABELS = {

@@ -5,6 +5,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ if not os.path.isdir(common.FASHION_MNIST_DIR):
 from examples import paper_length  # noqa: E402
 
 import fop_optax  # noqa: E402
+import optax  # noqa: E402
 
 # 512 examples at batch 128: 4 steps an epoch; 40 steps = 10 epochs, the decay at step 21.
 COMMON = ['--subset', '512', '--test-subset', '200', '--steps', '40', '--decay-at', '0.525',
@@ -245,3 +247,29 @@ def test_robustness_at_length_runs_every_cell_with_its_lr_and_momentum(monkeypat
     assert opts['--optimizers'] == 'momentum,fop' and opts['--steps'] == '40'
     assert opts['--out'] == ral.cell_dir(str(tmp_path), float(lr), 0.5)
     assert argv[-2:] == ['--subset', '512']
+
+
+@pytest.mark.parametrize('arm', ['fop_gamma_b1', 'fop_s4'])
+def test_a_faithful_arm_trains_and_reads_its_p(arm):
+  """Issue 28's arms with their own keywords build, learn, and their diagnostics read their P.
+
+  γ(t) with bound 1 applies no eigenvalue above 1 (its P clipped before the division), fop_s4
+  none above 4 on the spatial P and 1 on the dense one. (The other arms are fop's own options,
+  run at length on docs/results_faithful.md.)
+  """
+  params = {'conv': jax.random.normal(jax.random.key(0), (3, 3, 2, 4)) / 3,
+            'dense': jax.random.normal(jax.random.key(1), (16, 8)) / 4}
+  tx = common.make_optimizer(arm, 0.05, 0.9)
+  state = tx.init(params)
+  for k in range(4):
+    g = jax.tree.map(lambda p: jnp.sin((k + 1) * p) + 0.1 * k, params)
+    updates, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+  spectra = fop_optax.diagnostics.spectra(state, params, **common.fop_arm_rule(arm))
+  top = {k: float(v[0]) for k, v in spectra.items() if v is not None}
+  assert top, spectra
+  if arm in ('fop_b1', 'fop_gamma_b1', 'fop_norm_paper'):
+    assert max(top.values()) <= 1 + 1e-5, top
+  if arm == 'fop_s4':
+    assert top['dense'] <= 1 + 1e-5 and top['conv'] <= 4 + 1e-5, top
