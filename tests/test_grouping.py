@@ -161,7 +161,7 @@ def test_a_step_on_equal_leaves_equals_the_step_on_each_leaf_alone(structures):
 
 
 def test_a_group_compiles_its_linear_algebra_once():
-  """The compiled update holds as many eigensolver calls for eight equal leaves as for three.
+  """The compiled update holds as many eigensolver calls for four equal leaves as for three.
 
   (Not as for one: a grouped branch compiles its batched true branch twice, alone and
   beside the false one for a mixed group.) One leaf per call would grow with the leaves.
@@ -174,7 +174,7 @@ def test_a_group_compiles_its_linear_algebra_once():
     return len(re.findall(r'custom_call_target="[^"]*(?:syevd|eigh)', text))
   one, three = eighs(1), eighs(3)
   assert 0 < three < 3 * one
-  assert eighs(8) == three
+  assert eighs(4) == three
 
 
 def test_a_stacked_leaf_decides_its_branches_per_stack():
