@@ -206,6 +206,24 @@ def test_default_hyper_step_is_calibrated_per_leaf():
     np.testing.assert_allclose(calibrated[name], factor * raw[name], rtol=1e-5, atol=1e-9)
 
 
+def _gamma_first_step(structure, shape, seed, **fop_kwargs):
+  """A random θ₀, target and ``M`` (float64), and ``scale_by_fop``'s first update from them.
+
+  Returns ``(tx, θ₀, target, M, g₀, update, state)``; the hyper-optimiser is ``sgd(1)``, so a
+  later learning step moves ``M`` by exactly minus its hypergradient.
+  """
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  theta0 = jax.random.normal(k1, shape, jnp.float64)
+  target = jax.random.normal(k2, shape, jnp.float64)
+  m_start = random_m(structure, shape, k3)
+  tx = fop_optax.scale_by_fop(ETA, hyper_optimizer=optax.sgd(1.0), structures=structure,
+                              **fop_kwargs)
+  state = tx.init(theta0)._replace(preconditioners=m_start)
+  g0 = jax.grad(loss)(theta0, target)
+  update, state = tx.update(g0, state)
+  return tx, theta0, target, m_start, g0, update, state
+
+
 GAMMA_CASES = [c for c in CASES if not getattr(c[1], 'normalize', False)
                and getattr(c[1], 'max_scale', None) is None]
 
@@ -213,18 +231,10 @@ GAMMA_CASES = [c for c in CASES if not getattr(c[1], 'normalize', False)
 @pytest.mark.parametrize('name,structure,shape', GAMMA_CASES, ids=[c[0] for c in GAMMA_CASES])
 def test_theorem1_gamma_hypergradient_equals_autodiff(name, structure, shape):
   """P̃ = P/γ, γ = δ‖P‖₂ + (1 − δ)p_∞ (the paper's Theorem 1): closed form = autodiff."""
-  key = jax.random.key(42)
-  k1, k2, k3 = jax.random.split(key, 3)
-  theta0 = jax.random.normal(k1, shape, jnp.float64)
-  target = jax.random.normal(k2, shape, jnp.float64)
-  m_start = random_m(structure, shape, k3)
   delta, p_inf = 0.7, 2.0
-  tx = fop_optax.scale_by_fop(ETA, hyper_optimizer=optax.sgd(1.0), structures=structure,
-                              gamma=(delta, p_inf), max_scale=None)
-  state = tx.init(theta0)._replace(preconditioners=m_start)
+  tx, theta0, target, m_start, g0, update, state = _gamma_first_step(
+      structure, shape, 42, gamma=(delta, p_inf), max_scale=None)
   grad = jax.grad(loss)
-  g0 = grad(theta0, target)
-  update, state = tx.update(g0, state)
 
   def p_tilde_g(m, g):
     gam = delta * structure.top_eigen(m)[0] + (1 - delta) * p_inf
@@ -256,21 +266,13 @@ def test_theorem1_gamma_keeps_the_bound(name, structure, shape, bound):
   the clipped ``λ_max``; at ``B = 1.2`` the random ``M`` has eigenvalues above the bound (the
   clip and ``min`` act), at ``B = 50`` none (the bounded form equals the paper's).
   """
-  key = jax.random.key(43)
-  k1, k2, k3 = jax.random.split(key, 3)
-  theta0 = jax.random.normal(k1, shape, jnp.float64)
-  target = jax.random.normal(k2, shape, jnp.float64)
-  m_start = random_m(structure, shape, k3)
+  delta, p_inf = 0.6, 2.0
+  tx, theta0, target, m_start, g0, update, state = _gamma_first_step(
+      structure, shape, 43, gamma=(delta, p_inf), max_scale=bound)
+  grad = jax.grad(loss)
   bounded = structure.with_bound(bound)
   lam_raw = float(structure.top_eigen(m_start)[0])
   assert (lam_raw > 1.3 * bound) == (bound < 2), lam_raw   # the case is what its id says
-  delta, p_inf = 0.6, 2.0
-  tx = fop_optax.scale_by_fop(ETA, hyper_optimizer=optax.sgd(1.0), structures=structure,
-                              gamma=(delta, p_inf), max_scale=bound)
-  state = tx.init(theta0)._replace(preconditioners=m_start)
-  grad = jax.grad(loss)
-  g0 = grad(theta0, target)
-  update, state = tx.update(g0, state)
 
   def p_tilde_g(m, g):
     gam = delta * jnp.minimum(structure.top_eigen(m)[0], bound) + (1 - delta) * p_inf
