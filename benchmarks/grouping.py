@@ -10,7 +10,7 @@ update for scale. ``--model depth`` is benchmarks/depth.py's residual MLP at ``-
 blocks; ``lm`` and ``mlp256`` are benchmarks/before_after.py's models (the Einsum-attention
 language model, the MLP 784-256-256-10). Prints the update's median ms and its ratio to the
 grouped update per round (interleaved rounds), the XLA:CPU thunks a step runs and the LAPACK
-calls it executes (``benchmarks._harness.profile_thunks``), and checks that the grouped and
+calls it executes (``benchmarks.depth.executed_calls``, from a profile), and checks that the grouped and
 per-leaf updates agree.
 
   python3 -m benchmarks.grouping --depth 8
@@ -104,11 +104,9 @@ def main(argv=None):
   print(f'{"update":>10} {"ms (median)":>12} {"÷ grouped":>20} {"thunks/step":>12}  '
         'LAPACK calls run per step')
   for name in cases:
-    _, by_kind, _ = _harness.profile_thunks(runners[name], texts[name], 3)
-    lapack = {k: n for k, (_, n) in by_kind.items() if 'lapack' in k}
+    lapack, thunks = depth.executed_calls(texts[name], runners[name], steps=3)
     row = dict(case=name, ms=statistics.median(times[name]) * 1e3,
-               over_grouped=_harness.spread(ratios[name]),
-               thunks=sum(n for _, n in by_kind.values()), lapack=lapack)
+               over_grouped=_harness.spread(ratios[name]), thunks=thunks, lapack=lapack)
     rows.append(row)
     print(f'{name:>10} {row["ms"]:>12.2f} {_harness.fmt_spread(row["over_grouped"], ".3f"):>20} '
           f'{row["thunks"]:>12.0f}  {lapack}', flush=True)

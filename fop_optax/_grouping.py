@@ -78,8 +78,8 @@ def cond(pred: jax.Array, true_fun: Callable, false_fun: Callable, *operands: An
   every member's does, and both with a per-member select only when the
   members disagree; ``lax.cond`` would run both for every member on every
   call. Nested ``vmap`` s (one optimiser state per seed around a group) decide
-  the same way at each level. Values the branches need should be passed as
-  ``operands``; floating-point values they close over are passed on as operands too (batched or not).
+  the same way at each level. Values the branches close over (batched or not)
+  are passed on to them as operands, like ``operands`` themselves.
 
   Reverse-mode derivatives are ``lax.cond``'s (a ``custom_vjp`` whose backward
   pass is the same grouped choice between the two branches' VJPs); forward mode

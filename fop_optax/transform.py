@@ -378,17 +378,22 @@ def scale_by_fop(
         return s.clip_precondition_and_span(m, bound, g)
       return s.clip_and_precondition(m, bound, g) + ((),)
 
+    def per_leaf(fn, *columns):
+      """``[fn(structure, *row) for each leaf]``: leaves sharing a structure and their arrays'
+      types run as one group (:func:`fop_optax._grouping.group_map`)."""
+      return _grouping.group_map(lambda i, *row: fn(structs[i], *row),
+                                 _group_keys(structs, columns), *columns)
+
     # The online step (fop_optax.online) with FOP's closed-form hypergradient,
     # the default Adam's per-leaf calibration and the guard as its projection.
     # w = (M's tree, their spans' list): the hyper step moves the M's only; the spans
     # it leaves stale are replaced by project_and_apply's, made for the new M's.
     def hypergradients(w, last_gradient, gradient):
       ms, spans = w
-      ms = jax.tree.leaves(ms)
-      columns = (ms, spans, jax.tree.leaves(gradient), jax.tree.leaves(last_gradient))
-      return m_def.unflatten(_replicate_matrices(structs, _grouping.group_map(
-          lambda i, m, span, g, gp: hypergradient(structs[i], m, span, g, gp).astype(m.dtype),
-          _group_keys(structs, columns), *columns), gs))
+      return m_def.unflatten(_replicate_matrices(structs, per_leaf(
+          lambda s, m, span, g, gp: hypergradient(s, m, span, g, gp).astype(m.dtype),
+          jax.tree.leaves(ms), spans, jax.tree.leaves(gradient),
+          jax.tree.leaves(last_gradient)), gs))
 
     def calibrate_step(hyper_updates):
       return m_def.unflatten([
@@ -404,15 +409,11 @@ def scale_by_fop(
 
     def apply(w, inputs):
       ms, spans = w
-      columns = (jax.tree.leaves(ms), spans, inputs)
-      return _grouping.group_map(lambda i, m, span, g: precondition(structs[i], m, span, g),
-                                 _group_keys(structs, columns), *columns)
+      return per_leaf(precondition, jax.tree.leaves(ms), spans, inputs)
 
     def project_and_apply(w, inputs):
       ms, _ = w
-      columns = (jax.tree.leaves(ms), inputs)
-      triples = _grouping.group_map(lambda i, m, g: project_and_precondition(structs[i], m, g),
-                                    _group_keys(structs, columns), *columns)
+      triples = per_leaf(project_and_precondition, jax.tree.leaves(ms), inputs)
       return ((m_def.unflatten(_replicate_matrices(structs, [m for m, _, _ in triples], gs)),
                _replicate_matrices(structs, [span for _, _, span in triples], gs)),
               [out for _, out, _ in triples])
