@@ -202,7 +202,8 @@ class Entry:
   ``make(value, task)`` builds the optimiser (an optax transformation, or for ``drive='kfac'``
   a ``loss_fn -> KfacAdapter`` factory) with its swept hyperparameter (``sweep``, usually the
   learning rate) at ``value``; ``default[kind]`` is the published default for ``kind`` in
-  {'classify', 'ppo'} (``None``: the method sets it itself, e.g. K-FAC's adaptive rate);
+  {'classify', 'ppo', 'lm'} (:func:`kind_of`; ``None``: the method sets it itself, e.g. K-FAC's
+  adaptive rate; the LM's defaults are the classification ones unless ``lm=`` is given);
   ``grid[kind]`` the sweep, which holds the default. ``covers``: the fop_optax exports the
   entry runs (the test checks that every exported optimiser is covered).
   """
@@ -223,8 +224,8 @@ def _grid(default, factors=SGD_FACTORS):
   return [float(f'{default * f:.3g}') for f in factors]
 
 
-def _entry(name, label, make, classify, ppo=None, *, factors=SGD_FACTORS, **kw):
-  default = {'classify': classify, 'ppo': ppo}
+def _entry(name, label, make, classify, ppo=None, *, lm=None, factors=SGD_FACTORS, **kw):
+  default = {'classify': classify, 'ppo': ppo, 'lm': classify if lm is None else lm}
   grid = {k: (_grid(v, factors) if v is not None else None) for k, v in default.items()}
   return Entry(name, label, make, default, grid, **kw)
 
@@ -235,6 +236,27 @@ def _kfac_make(lr, task):
 
 def _psgd_make(lr, task):
   return _import_psgd_kron()(lr)
+
+
+def _muon_dims_lm(params):
+  """Muon's matrices in ``examples/lm.py``'s Transformer: the attention projections as the
+  layers compute them (query/key/value ``(d, heads, head_dim)``: ``d`` → ``heads·head_dim``;
+  out ``(heads, head_dim, d)``) and the MLP kernels; the token and position tables, the head,
+  biases and LayerNorm scales go to Muon's Adam, as its authors do for embeddings and heads."""
+  def dims(path, p):
+    names = [getattr(k, 'key', getattr(k, 'idx', None)) for k in path]
+    if names[0] in ('embed', 'pos', 'head') or names[-1] != 'kernel':
+      return None
+    if p.ndim == 3:
+      return (optax.contrib.MuonDimensionNumbers(0, (1, 2)) if names[-2] != 'out' else
+              optax.contrib.MuonDimensionNumbers((0, 1), 2))
+    return optax.contrib.MuonDimensionNumbers(0, 1) if p.ndim == 2 else None
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def _muon_make(lr, task):
+  return optax.contrib.muon(lr, adam_learning_rate=1e-3, muon_weight_dimension_numbers=(
+      _muon_dims_lm if task == 'lm' else _muon_dims))
 
 
 # Published defaults. Classification: SGD-type 0.05 with momentum 0.9 and Adam-type 1e-3
@@ -253,6 +275,10 @@ ENTRIES: dict[str, Entry] = {e.name: e for e in [
     _entry('fop_norm', 'FOP-norm', lambda lr, t: fop_optax.fop(
         lr, 0.9, normalize=True, **({'hyper_learning_rate': _PPO_FOP_HYPER} if t == 'ppo' else {})),
            0.05, 0.1, covers=('fop',)),
+    # The paper's FOP exactly (examples/common.py's 'fop_paper' arm): P = MᵀM unbounded
+    # (max_scale=None) and the paper's hyper-optimiser optax.adam(1e-4) applied as it is.
+    _entry('fop_paper', 'FOP (paper: unbounded, Adam 1e-4 hyper)', lambda lr, t: fop_optax.fop(
+        lr, 0.9, hyper_optimizer=optax.adam(1e-4), max_scale=None), 0.05, 0.1, covers=('fop',)),
     _entry('fop_adam', 'FOP+Adam', lambda lr, t: fop_optax.fop_adam(
         lr, **({'hyper_learning_rate': _PPO_FOP_HYPER} if t == 'ppo' else {})), 1e-3, 1e-2,
            covers=('fop_adam',)),
@@ -279,16 +305,15 @@ ENTRIES: dict[str, Entry] = {e.name: e for e in [
     _entry('one_pass_adam', 'one-pass HPO (Adam)', lambda lr, t: fop_optax.one_pass_hpo_injected(
         optax.inject_hyperparams(optax.adam)(learning_rate=lr)), 1e-3, drive='hpo',
            sweep='initial learning_rate', covers=('one_pass_hpo_injected',)),
-    _entry('muon', 'Muon (optax.contrib)', lambda lr, t: optax.contrib.muon(
-        lr, adam_learning_rate=1e-3, muon_weight_dimension_numbers=_muon_dims), 0.02, 0.02,
-           family='peer'),
+    _entry('muon', 'Muon (optax.contrib)', _muon_make, 0.02, 0.02, family='peer'),
     _entry('psgd_kron', 'PSGD kron (psgd-jax)', _psgd_make, 1e-3, 1e-3, family='peer',
            requires='psgd_jax'),
-    Entry('kfac', 'K-FAC (kfac-jax)', _kfac_make, {'classify': None, 'ppo': None},
-          {'classify': [1e-3, 1e-2, 1e-1], 'ppo': None}, drive='kfac', family='peer',
+    Entry('kfac', 'K-FAC (kfac-jax)', _kfac_make, {'classify': None, 'ppo': None, 'lm': None},
+          {'classify': [1e-3, 1e-2, 1e-1], 'ppo': None, 'lm': None}, drive='kfac', family='peer',
           requires='kfac_jax'),
-    Entry('shampoo', 'Shampoo/SOAP', lambda lr, t: None, {'classify': None, 'ppo': None},
-          {'classify': None, 'ppo': None}, family='peer',
+    Entry('shampoo', 'Shampoo/SOAP', lambda lr, t: None,
+          {'classify': None, 'ppo': None, 'lm': None},
+          {'classify': None, 'ppo': None, 'lm': None}, family='peer',
           always_skip='no Shampoo or SOAP for JAX on PyPI installs and runs here: optax-shampoo '
           '0.0.6 is an empty package, optax.contrib 0.2.8 has neither (docs/benchmarks.md)'),
 ]}
@@ -312,12 +337,33 @@ def skip_reason(entry: Entry, task: str) -> Optional[str]:
   if task == 'ppo' and entry.drive != 'grad':
     return (f"n/a: needs {entry.drive} arguments (value_fn/closures or kfac's registered loss); "
             "examples/ppo.py's update passes the gradient only")
+  if task == 'lm' and entry.drive == 'hpo':
+    return ('n/a on lm: its validation batches would need a third split of the corpus '
+            '(examples/lm.py holds out only the validation text the board reports on)')
+  if task == 'lm' and entry.drive == 'kfac':
+    return ("n/a on lm: not wired up (kfac-jax's registered loss and layer matching are set up "
+            "for the classifiers' dense/conv layers, not the Einsum attention)")
   return None
 
 
 # ----------------------------------------------------------------------------- tasks
 
-TASKS = ('mlp', 'cnn', 'ppo')
+TASKS = ('mlp', 'cnn', 'ppo', 'lm')
+# The final metric's direction: accuracy and return go up, the LM's validation loss goes down.
+LOWER_IS_BETTER = frozenset({'lm'})
+
+
+def kind_of(task: str) -> str:
+  """The key of ``Entry.default``/``Entry.grid`` a task reads: 'ppo', 'lm' or 'classify'."""
+  return task if task in ('ppo', 'lm') else 'classify'
+
+
+def _better_key(task: str, value) -> float:
+  """A sort key on a final metric, smaller is better whichever way the task's metric goes;
+  a missing value is worst."""
+  if value is None:
+    return np.inf
+  return value if task in LOWER_IS_BETTER else -value
 _DATA_CACHE: dict = {}
 
 
@@ -491,8 +537,92 @@ def run_ppo(task, entry, value, seed, args):
               env_steps_per_update=cfg.num_envs * cfg.num_steps)
 
 
+def lm_config(args) -> dict:
+  """``examples/lm.py``'s model configuration from the arguments (its defaults: 136,704
+  parameters)."""
+  return dict(layers=args.lm_layers, width=args.lm_width, heads=args.lm_heads, seq=args.lm_seq)
+
+
+def lm_data(args):
+  """``(train tokens, fixed validation windows)``: the corpus split of ``examples/lm.py``
+  (last 10% held out) and ``--lm-valid-windows`` windows of the held-out text, drawn once with a
+  fixed key (the same for every entry and seed)."""
+  from examples import lm
+  key = ('lm', args.lm_seq, args.lm_valid_windows)
+  if key not in _DATA_CACHE:
+    train, valid = lm.split(lm.load_corpus())
+    _DATA_CACHE[key] = (jnp.asarray(train), lm.batches(
+        valid, args.lm_valid_windows, args.lm_seq, jax.random.key(12345)))
+  return _DATA_CACHE[key]
+
+
+def run_lm(task, entry, value, seed, args):
+  """``examples/lm.py``'s byte-level Transformer on its corpus for ``--lm-steps`` steps.
+
+  Per seed the same initialisation (``lm.init_params(seed)``) and the same batches (the keys of
+  ``lm.train``: ``split(key(seed + 1), steps)``; the windows are cut inside the compiled step,
+  so the batch sequence is a function of the seed only). History: every ``--lm-eval-every``
+  steps the running train loss (EMA 0.9) and the validation loss on the fixed windows of
+  :func:`lm_data`; final = that validation loss after the budget (nats per byte).
+  """
+  from examples import lm
+  if entry.drive not in ('grad', 'curvature'):
+    raise ValueError(f'{entry.name}: drive {entry.drive!r} does not run on lm (skip_reason)')
+  train_tokens, valid = lm_data(args)
+  config = lm_config(args)
+  params = lm.init_params(seed, **config)
+  seq, b, steps = args.lm_seq, args.lm_batch, args.lm_steps
+  tx = optax.with_extra_args_support(entry.make(value, task))
+  opt_state = tx.init(params)
+
+  def step(p, s, key):
+    tokens = lm.batches(train_tokens, b, seq, key)
+    loss, grads = jax.value_and_grad(lm.loss_fn)(p, tokens)
+    extra = {}
+    if entry.drive == 'curvature':
+      extra = dict(value=loss, grad=grads, value_fn=lambda q: lm.loss_fn(q, tokens),
+                   model_fn=lambda q: lm.apply(q, tokens[:, :-1]),
+                   loss_fn=lambda z: lm.next_token_loss(z, tokens))
+    updates, s = tx.update(grads, s, p, **extra)
+    return optax.apply_updates(p, updates), s, loss
+  keys = jax.random.split(jax.random.key(seed + 1), steps)
+  compiled = jax.jit(step).lower(params, opt_state, keys[0]).compile()
+  valid_loss = jax.jit(lm.loss_fn).lower(params, valid).compile()
+
+  history, ema, clock, hit = [], None, 0.0, None
+  for i in range(steps):
+    t0 = time.perf_counter()
+    params, opt_state, loss = compiled(params, opt_state, keys[i])
+    loss = float(loss)  # waits for the step
+    clock += time.perf_counter() - t0
+    ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+    stopped = args.run_time_limit and clock > args.run_time_limit and i + 1 < steps
+    last = i + 1 == steps or stopped
+    if not np.isfinite(loss):
+      history.append((i + 1, round(clock, 4), None, None))
+      break
+    if (i + 1) % args.lm_eval_every == 0 or last:
+      v = float(valid_loss(params, valid))
+      if not np.isfinite(v):
+        loss = v   # a non-finite validation loss is a divergence too
+        history.append((i + 1, round(clock, 4), round(ema, 5), None))
+        break
+      history.append((i + 1, round(clock, 4), round(ema, 5), round(v, 5)))
+      if hit is None and v <= args.target[task]:
+        hit = (i + 1, clock)
+    if stopped:
+      break
+  ok = np.isfinite(loss) and not stopped
+  final = history[-1][3] if ok else None
+  return dict(steps=steps, wall_s=clock, ms_per_step=1e3 * clock / max(i + 1, 1),
+              final=final, final_train_loss=ema if ok else None,
+              target_step=hit and hit[0], target_wall_s=hit and hit[1], history=history,
+              stopped_at=(i + 1) if stopped else None, valid_windows=int(valid.shape[0]),
+              param_count=lm.param_count(params))
+
+
 def run_one(task, entry, value, seed, args):
-  run = run_ppo if task == 'ppo' else run_classify
+  run = {'ppo': run_ppo, 'lm': run_lm}.get(task, run_classify)
   load = _loadavg()
   t0 = time.perf_counter()
   try:
@@ -545,8 +675,9 @@ def summarize_runs(runs):
 
 
 def board(runs, skips, entries=None):
-  """Per task and entry: the default's row and the best swept value's row (highest median final
-  metric, ties to fewer median steps to target; a value with a diverged seed ranks below every
+  """Per task and entry: the default's row and the best swept value's row (best median final
+  metric: highest, or lowest for the LM's validation loss (:data:`LOWER_IS_BETTER`); ties to
+  fewer median steps to target; a value with a diverged seed ranks below every
   value without one); skips as ``{(task, entry): reason}``."""
   rows = summarize_runs(runs)
   names = entries or list(ENTRIES)
@@ -560,9 +691,10 @@ def board(runs, skips, entries=None):
       mine = [r for r in rows if r['task'] == task and r['entry'] == name]
       if not mine:
         continue
-      default = ENTRIES[name].default['ppo' if task == 'ppo' else 'classify']
+      default = ENTRIES[name].default[kind_of(task)]
       d = next((r for r in mine if r['value'] == default), None)
-      key = lambda r: (r.get('diverged', 0) > 0, -(r['final'] or {'median': -np.inf})['median'],
+      key = lambda r: (r.get('diverged', 0) > 0,
+                       _better_key(task, (r['final'] or {}).get('median')),
                        (r['target_step'] or {'median': np.inf})['median'])
       best = min(mine, key=key)
       errors = sorted({e for r in mine for e in r['errors']})
@@ -620,10 +752,10 @@ def _provenance(meta) -> str:
 
 
 def _rank(r):
-  """Board order: working entries first, by the final metric at the best value, ties (e.g.
-  CartPole's 500) by steps to target."""
+  """Board order: working entries first, by the final metric at the best value (the LM's
+  validation loss: lowest first), ties (e.g. CartPole's 500) by steps to target."""
   b = r.get('best') or {}
-  return (r['status'] != 'works', -(b.get('final') or {'median': -1})['median'],
+  return (r['status'] != 'works', _better_key(r['task'], (b.get('final') or {}).get('median')),
           (b.get('target_step') or {'median': np.inf})['median'])
 
 
@@ -641,11 +773,14 @@ def markdown(result, meta) -> str:
   for task in dict.fromkeys(r['task'] for r in result):
     unit = 'updates' if task == 'ppo' else 'steps'
     metric = ('mean return of the last 10 updates' if task == 'ppo' else
+              f"validation loss (nats/byte) on {a.get('lm_valid_windows')} fixed held-out "
+              f"windows of {a.get('lm_seq')} bytes" if task == 'lm' else
               f"test accuracy on {a.get('final_test') or 'all 10,000'} test images")
     target = a['target'][task]
+    aim = {'ppo': 'return ≥', 'lm': 'validation loss ≤'}.get(task, 'test accuracy ≥')
     # Without a sweep (--no-sweep) the best value is the default: one set of columns.
     swept = any(len(r.get('sweep') or ()) > 1 for r in result if r['task'] == task)
-    lines += [f"### {task}: target {'return' if task == 'ppo' else 'test accuracy'} ≥ {target}; "
+    lines += [f"### {task}: target {aim} {target}; "
               f"final = {metric} after the budget; medians (min–max) over seeds", '']
     lines += ([f'| entry | status | value (default → best) | {unit} to target (default) | s to '
                f'target (default) | final (default) | {unit} to target (best) | s to target '
@@ -659,7 +794,7 @@ def markdown(result, meta) -> str:
         lines.append(f"| {label} | skipped: {r['reason']} |" + ' |' * (8 if swept else 5))
         continue
       d, b = r['default'], r['best']
-      dv = shown(ENTRIES[r['entry']].default['ppo' if task == 'ppo' else 'classify'])
+      dv = shown(ENTRIES[r['entry']].default[kind_of(task)])
       status = r['status'] + (f": {r['reason']}" if r['reason'] else '')
       if d and d.get('stopped'):
         status += (f"; {len(d['stopped'])}/{d['seeds']} stopped by --run-time-limit at step "
@@ -674,7 +809,8 @@ def markdown(result, meta) -> str:
       '(its README), a number fixes the learning rate (momentum 0.9). Time to target: the '
       'median only when most seeds reached it, [reached/seeds]. Final: the median over the '
       'seeds whose loss stayed finite, [k/n diverged] where some did not. Best: highest median '
-      'final metric over the sweep among the values where no seed diverged (then the others).')
+      'final metric (lm: lowest validation loss) over the sweep among the values where no seed '
+      'diverged (then the others).')
   return '\n'.join(lines)
 
 
@@ -721,19 +857,22 @@ def plot(runs, result, path):
             and x['value'] == r['best']['value'] and x['history']]
       if not rs:
         continue
-      rs.sort(key=lambda x: x['final'] if x['final'] is not None else -np.inf)
+      rs.sort(key=lambda x: -_better_key(task, x['final']))
       h = rs[len(rs) // 2]['history']
       color, ls = styles[k % len(styles)]
       k += 1
+      y = 3 if task == 'lm' else 2   # the LM: its validation loss; else the train loss/return
+      h = [p for p in h if p[y] is not None]
       for ax, col in ((ax_steps, 0), (ax_wall, 1)):
-        ax.plot([p[col] for p in h], [p[2] for p in h], color=color, ls=ls,
+        ax.plot([p[col] for p in h], [p[y] for p in h], color=color, ls=ls,
                 label=ENTRIES[r['entry']].label)
     unit = 'PPO updates' if task == 'ppo' else 'steps'
     for ax, xlabel in ((ax_steps, unit), (ax_wall, 'training wall seconds (log)')):
       ax.set_xlabel(xlabel)
-      ax.set_ylabel('return (mean of last 5 updates)' if task == 'ppo' else 'train loss (EMA 0.9)')
+      ax.set_ylabel({'ppo': 'return (mean of last 5 updates)',
+                     'lm': 'validation loss (nats/byte)'}.get(task, 'train loss (EMA 0.9)'))
       ax.set_title(f'{task}: median seed at the best value')
-      if task != 'ppo':
+      if task not in ('ppo', 'lm'):
         ax.set_yscale('log')
     ax_wall.set_xscale('log')
     ax_steps.legend(fontsize=7, ncol=2)
@@ -777,6 +916,17 @@ def parse_args(argv=None):
   p.add_argument('--target-mlp', type=float, default=0.85)
   p.add_argument('--target-cnn', type=float, default=0.85)
   p.add_argument('--target-ppo', type=float, default=400.0)
+  p.add_argument('--target-lm', type=float, default=2.0,
+                 help='LM target: validation loss (nats/byte) at or below this')
+  p.add_argument('--lm-steps', type=int, default=3000, help='LM budget in steps (same for all)')
+  p.add_argument('--lm-batch', type=int, default=8, help='LM windows per step')
+  p.add_argument('--lm-eval-every', type=int, default=100)
+  p.add_argument('--lm-valid-windows', type=int, default=256,
+                 help='fixed held-out validation windows the LM is scored on')
+  p.add_argument('--lm-seq', type=int, default=64, help='LM context (window) length')
+  p.add_argument('--lm-width', type=int, default=64)
+  p.add_argument('--lm-layers', type=int, default=2)
+  p.add_argument('--lm-heads', type=int, default=4)
   p.add_argument('--mlp-hidden', type=lambda s: tuple(int(v) for v in s.split(',')),
                  default=(256, 256))
   p.add_argument('--cnn-widths', type=lambda s: tuple(int(v) for v in s.split(',')),
@@ -807,9 +957,12 @@ def parse_args(argv=None):
     args.eval_every, args.test_subset, args.train_subset = 3, 200, 256
     args.val_size, args.val_batch, args.ppo_updates, args.kfac_warmup = 256, 32, 2, 1
     args.mlp_hidden, args.cnn_widths, args.final_test = (32,), (4, 8), 200
+    args.lm_steps, args.lm_eval_every, args.lm_valid_windows = 3, 3, 16
+    args.lm_seq, args.lm_width, args.lm_layers, args.lm_heads = 16, 16, 1, 2
     if args.out == os.path.join('results', 'leaderboard.json'):
       args.out = os.path.join('results', 'leaderboard_smoke.json')
-  args.target = {'mlp': args.target_mlp, 'cnn': args.target_cnn, 'ppo': args.target_ppo}
+  args.target = {'mlp': args.target_mlp, 'cnn': args.target_cnn, 'ppo': args.target_ppo,
+                 'lm': args.target_lm}
   return args
 
 
@@ -830,7 +983,7 @@ def main(argv=None):
       raise SystemExit(f'unknown entries/tasks: {unknown}')
     skips, plan = {}, []
     for task in tasks:
-      kind = 'ppo' if task == 'ppo' else 'classify'
+      kind = kind_of(task)
       for name in names:
         reason = skip_reason(ENTRIES[name], task)
         if reason:
