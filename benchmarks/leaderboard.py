@@ -957,7 +957,7 @@ def parse_args(argv=None):
     args.eval_every, args.test_subset, args.train_subset = 3, 200, 256
     args.val_size, args.val_batch, args.ppo_updates, args.kfac_warmup = 256, 32, 2, 1
     args.mlp_hidden, args.cnn_widths, args.final_test = (32,), (4, 8), 200
-    args.lm_steps, args.lm_eval_every, args.lm_valid_windows = 3, 3, 16
+    args.lm_steps, args.lm_eval_every, args.lm_valid_windows = 3, 1, 16
     args.lm_seq, args.lm_width, args.lm_layers, args.lm_heads = 16, 16, 1, 2
     if args.out == os.path.join('results', 'leaderboard.json'):
       args.out = os.path.join('results', 'leaderboard_smoke.json')

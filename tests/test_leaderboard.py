@@ -92,8 +92,9 @@ def test_every_swept_value_changes_the_optimiser(name):
   assert differs, f'{name}: {entry.sweep} = {value} gives the same updates as {default}'
 
 
-# The MLP smoke (~50 s on 2 cores) runs in CI; CNN (~2 min) and PPO (~1.5 min) would push the
-# suite past its ~15 min budget: FOP_LEADERBOARD_SMOKE=all runs them too.
+# The MLP smoke (~50 s on 2 cores) runs in CI; CNN (~2 min), PPO (~1.5 min) and the LM (~1.5
+# min) would push the suite past its ~15 min budget: FOP_LEADERBOARD_SMOKE=all runs them too
+# (test_lm_smoke below runs two LM entries in CI).
 ALL_SMOKE = os.environ.get('FOP_LEADERBOARD_SMOKE') == 'all'
 
 
@@ -101,8 +102,8 @@ ALL_SMOKE = os.environ.get('FOP_LEADERBOARD_SMOKE') == 'all'
 @pytest.mark.parametrize('task', leaderboard.TASKS)
 def test_smoke_every_entry(task, tmp_path):
   if task != 'mlp' and not ALL_SMOKE:
-    pytest.skip('CNN and PPO smoke: FOP_LEADERBOARD_SMOKE=all (minutes on 2 cores)')
-  if task != 'ppo':
+    pytest.skip('CNN, PPO and LM smoke: FOP_LEADERBOARD_SMOKE=all (minutes on 2 cores)')
+  if task in ('mlp', 'cnn'):
     from examples.common import FASHION_MNIST_DIR
     if not os.path.isdir(FASHION_MNIST_DIR):
       pytest.skip('Fashion-MNIST not installed')
@@ -124,7 +125,8 @@ def test_smoke_every_entry(task, tmp_path):
   for name in ('momentum', 'adam', 'fop', 'fop_adam', 'shd', 'lodo', 'muon'):
     assert rows[name]['status'] == 'works', name
   if task != 'ppo':
-    for name in ('adam_qlr', 'series_sfn', 'one_pass_hpo', 'one_pass_adam'):
+    for name in ('adam_qlr', 'series_sfn') + (('one_pass_hpo', 'one_pass_adam')
+                                              if task != 'lm' else ()):
       assert rows[name]['status'] == 'works', name
   assert out['meta']['command'] and os.path.isfile(tmp_path / 'lb.json')
   assert os.path.isfile(tmp_path / 'lb.png')
@@ -216,3 +218,55 @@ def test_resume_runs_only_what_the_partial_file_lacks(tmp_path, monkeypatch):
   assert "nothing run; 1 planned runs missing: mlp/momentum/0.05/seed 2" in text
   with pytest.raises(SystemExit, match='no partial file'):
     leaderboard.main(['--tasks', 'mlp', '--out', str(tmp_path / 'none.json'), '--from-partial'])
+
+
+def test_lm_smoke(tmp_path):
+  """Two LM entries for 3 steps (--smoke) on a tiny configuration of examples/lm.py's Transformer: finite
+  train and validation losses in the history, the final metric is the last validation loss, and
+  both entries start from the same initialisation and see the same batches (same first loss)."""
+  out = leaderboard.main(['--smoke', '--tasks', 'lm', '--entries', 'momentum,fop',
+                          '--out', str(tmp_path / 'lm.json'), '--markdown'])
+  rows = {r['entry']: r for r in out['board']}
+  assert set(rows) == {'momentum', 'fop'}
+  firsts = []
+  for run in out['runs']:
+    assert run['error'] is None and run['steps'] == 3, run
+    steps, walls, trains, valids = zip(*run['history'])
+    assert steps == (1, 2, 3) and all(w > 0 for w in walls)
+    assert all(math.isfinite(v) and 0 < v < 8 for v in trains + valids)
+    assert run['final'] == valids[-1] and run['valid_windows'] == 16
+    firsts.append(trains[0])   # the EMA's first value is the first step's loss
+  assert firsts[0] == pytest.approx(firsts[1], rel=1e-6)
+  for r in rows.values():
+    assert r['status'] == 'works' and math.isfinite(r['default']['final']['median'])
+
+
+def test_lm_ranks_lower_validation_loss_first():
+  """The LM's final metric is a loss: the best swept value, the board order and the target (a
+  loss at or below it) all go the other way from accuracy's."""
+  runs = []
+  for name, value, finals in (('momentum', 0.05, [2.10, 2.20, 2.15]),
+                              ('momentum', 0.15, [1.90, 1.95, 1.92]),
+                              ('adam', 0.001, [1.70, 1.75, 1.80])):
+    for seed, f in enumerate(finals):
+      runs.append(dict(task='lm', entry=name, value=value, seed=seed, final=f,
+                       target_step=300 if f <= 2.0 else None, target_wall_s=None,
+                       ms_per_step=1.0, error=None, history=[]))
+  skips = {('lm', 'one_pass_hpo'): leaderboard.skip_reason(leaderboard.ENTRIES['one_pass_hpo'],
+                                                            'lm')}
+  assert 'n/a on lm' in skips[('lm', 'one_pass_hpo')]
+  result = leaderboard.board(runs, skips, ['momentum', 'adam', 'one_pass_hpo'])
+  rows = {r['entry']: r for r in result}
+  assert rows['momentum']['default']['value'] == 0.05
+  assert rows['momentum']['best']['value'] == 0.15   # the lower loss, not the higher
+  assert rows['momentum']['best']['final']['median'] == pytest.approx(1.92)
+  assert [r['entry'] for r in sorted(result, key=leaderboard._rank)] == [
+      'adam', 'momentum', 'one_pass_hpo']
+  # The same numbers as accuracies: the higher median is the best.
+  acc = [dict(r, task='mlp') for r in runs]
+  assert leaderboard.board(acc, {}, ['momentum'])[0]['best']['value'] == 0.05
+  text = leaderboard.markdown(result, dict(
+      command='x', jax='j', optax='o', args=dict(target={'lm': 2.0}, lm_valid_windows=256,
+                                                 lm_seq=64)))
+  assert 'target validation loss ≤ 2.0' in text
+  assert text.index('| Adam |') < text.index('| momentum |')
