@@ -45,9 +45,11 @@ class FopState(NamedTuple):
       the parameters' dtype.
     hyper_state: state of the hyper-optimiser that trains the preconditioners.
     spans: tree with the preconditioners' structure holding, per leaf, what the
-      last step decomposed of its ``M`` for the next step to reuse
-      (``Structure.span``: for ``low_rank`` under the guard ``(M, Q, T, μ, W)``,
-      its span basis and eigenpairs; ``()`` for the other structures). A span
+      last step decomposed of its ``M`` and computed of its input ``G_{t-1}``
+      for the next step to reuse (``Structure.span``: for ``low_rank`` under the
+      guard ``(M, Q, T, μ, W, QᵀG_{t-1})``, its span basis and eigenpairs and
+      the basis' product with the input, which the next hypergradient needs;
+      ``()`` for the other structures). A span
       is used only for the very ``M`` it was made for (exact equality), so
       matrices replaced by hand are never paired with a stale one. ``()``
       (the default, e.g. a state built by hand): nothing to reuse.
@@ -311,7 +313,8 @@ def scale_by_fop(
         last_gradient=optax.tree.zeros_like(params),
         hyper_state=hyper_optimizer.init(preconditioners),
         spans=m_def.unflatten(_replicate_matrices(
-            structs, [s.init_span(m) if gamma is None else () for s, m in zip(structs, ms)],
+            structs, [s.init_span(m, tuple(p.shape)) if gamma is None else ()
+                     for s, m, p in zip(structs, ms, jax.tree.leaves(params))],
             ms)),
     )
 
@@ -364,13 +367,19 @@ def scale_by_fop(
       gam, _ = gamma_at(state.count, applied_top(s, m)[0])
       return (s.precondition(m, g) / gam.astype(m.dtype)).astype(g.dtype)
 
+    def precondition_and_span(s, m, span, g):
+      """``(P·g, span of (m, g))``: a step that keeps ``m`` stores the span of its new input."""
+      if gamma is None and keep_spans and s.preconditions:
+        return s.precondition_and_span(m, g, **span_kw(span))
+      return precondition(s, m, span, g), span
+
     def project_and_precondition(s, m, g):
       # The projection of the hyper step and the preconditioning with its result
       # share their work (low rank: one span basis); each structure's own bound
       # (set from max_scale by resolve_structures, or given).
       bound = s.max_scale   # set from max_scale by resolve_structures, or the structure's own
       if bound is None:
-        return m, precondition(s, m, (), g), (s.span(m) if keep_spans else ())
+        return m, precondition(s, m, (), g), (s.span(m, g) if keep_spans else ())
       if gamma is not None:   # a structure's own bound under γ: P̃ = clipped P / γ
         m = s.clip(m, bound)
         return m, precondition(s, m, (), g), ()
@@ -407,20 +416,24 @@ def scale_by_fop(
       ms, hyper_state = optax_step(hypergrads, hyper_state, ms)
       return (ms, spans), hyper_state
 
+    # The outputs of both branches are (P·G per leaf, the spans to keep): a step that
+    # does not learn keeps the M's and stores the span of their new input.
     def apply(w, inputs):
       ms, spans = w
-      return per_leaf(precondition, jax.tree.leaves(ms), spans, inputs)
+      pairs = per_leaf(precondition_and_span, jax.tree.leaves(ms), spans, inputs)
+      return ([out for out, _ in pairs],
+              _replicate_matrices(structs, [span for _, span in pairs], gs))
 
     def project_and_apply(w, inputs):
       ms, _ = w
       triples = per_leaf(project_and_precondition, jax.tree.leaves(ms), inputs)
+      spans = _replicate_matrices(structs, [span for _, _, span in triples], gs)
       return ((m_def.unflatten(_replicate_matrices(structs, [m for m, _, _ in triples], gs)),
-               _replicate_matrices(structs, [span for _, _, span in triples], gs)),
-              [out for _, out, _ in triples])
+               spans), ([out for _, out, _ in triples], spans))
 
     # The first call has no previous step to learn from; with update_every = k only
     # calls k, 2k, ... learn. lax.cond: the skipped calls do none of the work.
-    (preconditioners, spans), hyper_state, outs = online.online_step(
+    (preconditioners, _), hyper_state, (outs, spans) = online.online_step(
         state.count, (state.preconditioners, spans_in), state.hyper_state,
         state.last_gradient, updates, gs,
         hypergradient=hypergradients, hyper_step=hyper_step,

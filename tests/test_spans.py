@@ -1,8 +1,10 @@
 """FopState.spans: what a step decomposes of each M, kept for the next step.
 
-Low rank under the guard keeps ``(M, Q, T, μ, W)`` (its span basis and
-eigenpairs), so the next step's hypergradient and a step that does not learn
-need no QR and no eigensolver of their own. Checked here: the kept span is
+Low rank under the guard keeps ``(M, Q, T, μ, W, QᵀG)`` (its span basis and
+eigenpairs, and the basis' product with the gradient the step preconditioned),
+so the next step's hypergradient and a step that does not learn need no QR and
+no eigensolver of their own, and the hypergradient no pass over ``G_{t-1}`` for
+``QᵀG_{t-1}``. Checked here: the kept span is
 the decomposition of the stored ``M`` (against a float64 dense oracle), also
 after the guard shrank ``V``; a run with spans equals one without to
 rounding; a span is never used for another ``M``.
@@ -58,11 +60,11 @@ def test_the_kept_span_is_the_decomposition_of_the_stored_m(hyper_lr):
   tx = fop_optax.scale_by_fop(0.1, hyper_learning_rate=hyper_lr)
   _, states, _ = _run(tx, 8)
   top = []
-  # init stores a placeholder (zeros: no solver in init), which the first call, which
-  # does not learn, keeps; every learning call stores the span of the M it leaves.
-  assert not np.any(np.asarray(_low_rank_span(states[0])[0]))
-  for state in states[1:]:
-    m0, q, t, mu, w = _low_rank_span(state)
+  # init stores a placeholder (zeros: no solver in init); every call, learning or not,
+  # stores the span of the M it applied and of the gradient it preconditioned.
+  assert not any(np.any(np.asarray(x)) for x in _low_rank_span(tx.init(_params())))
+  for state in states:
+    m0, q, t, mu, w, qg = _low_rank_span(state)
     np.testing.assert_array_equal(np.asarray(m0), np.asarray(state.preconditioners['w']))
     q64 = np.asarray(q, np.float64)
     np.testing.assert_allclose(q64.T @ q64, np.eye(q.shape[1]), atol=1e-5)
@@ -74,14 +76,20 @@ def test_the_kept_span_is_the_decomposition_of_the_stored_m(hyper_lr):
     np.testing.assert_allclose(q64 @ np.asarray(t, np.float64),
                                np.concatenate([np.asarray(m0[0]), np.asarray(m0[1])], 1),
                                atol=1e-5)
+    # QᵀG of the gradient this step preconditioned: the one it stored for the next step.
+    np.testing.assert_allclose(qg, q64.T @ np.asarray(state.last_gradient['w'], np.float64),
+                               atol=1e-5 * max(1.0, float(np.abs(qg).max())))
     top.append(np.linalg.eigvalsh(p)[-1])
   if hyper_lr == 0.3:
     # The guard shrank V (the raw λ_max held at 2·max_scale): T's V half was rescaled too.
     assert max(top) > 1.9
 
 
-def test_spans_change_nothing_but_rounding():
-  tx = fop_optax.fop(0.1, momentum=0.9, hyper_learning_rate=0.1)
+@pytest.mark.parametrize('every', [None, 2])
+def test_spans_change_nothing_but_rounding(every):
+  # every=2: a call that does not learn stores QᵀG of its own input, which the next
+  # (learning) call's hypergradient takes as QᵀG_{t-1}; a stale one would differ here.
+  tx = fop_optax.fop(0.1, momentum=0.9, hyper_learning_rate=0.1, update_every=every)
   with_spans, states, outs = _run(tx, 10)
   without, states0, outs0 = _run(tx, 10, lambda s: _strip_spans(s))
   assert all(_fop(s).spans == () for s in states0)

@@ -251,34 +251,46 @@ class Structure:
 
   # --- what a step decomposes, kept for the next -------------------------------------------
 
-  def span(self, m: jax.Array) -> tuple:
-    """What this structure decomposes of ``m`` and can reuse on the next step: ``()`` here.
+  def span(self, m: jax.Array, g: jax.Array) -> tuple:
+    """What this structure decomposes of ``m``, and of the input ``g`` it preconditions, to reuse on the next step: ``()`` here.
 
     A structure whose step factors ``P(m)`` (``low_rank``'s span basis and
-    eigenpairs under the guard) returns those arrays, with ``m`` itself first
-    so that a reuse can check it is for the same ``m``. :func:`fop_optax.scale_by_fop`
-    keeps the tuple in its state (``FopState.spans``) and passes it back as
-    ``span=`` to :meth:`precondition` and :meth:`hypergradient` (only to a
-    structure whose ``span`` is non-empty, so other structures need not take
-    the argument).
+    eigenpairs under the guard, and their product with ``g``) returns those
+    arrays, with ``m`` itself first so that a reuse can check it is for the same
+    ``m``. :func:`fop_optax.scale_by_fop` keeps the tuple of the ``(m, g)`` each
+    step applied in its state (``FopState.spans``) and passes it back as
+    ``span=`` to :meth:`precondition` and :meth:`precondition_and_span` (with
+    the next input) and to :meth:`hypergradient` (with ``g`` as its ``g_prev``),
+    only to a structure whose ``span`` is non-empty, so other structures need
+    not take the argument.
     """
-    del m
+    del m, g
     return ()
 
-  def init_span(self, m: jax.Array) -> tuple:
-    """The span ``init`` stores for the initial ``m``: :meth:`span` here.
+  def init_span(self, m: jax.Array, shape: Shape) -> tuple:
+    """The span ``init`` stores for the initial ``m`` and a leaf of this ``shape``: :meth:`span` of zeros here.
 
     A structure may return a placeholder of the same shapes instead (``low_rank``:
     zeros, so that ``init`` runs no solver), provided its ``m`` differs from the
     initial ``m`` or the placeholder is exact for it.
     """
-    return self.span(m)
+    return self.span(m, jnp.zeros(shape, m.dtype))
+
+  def precondition_and_span(self, m: jax.Array, g: jax.Array,
+                            span: tuple = ()) -> tuple[jax.Array, tuple]:
+    """``(precondition(m, g), span(m, g))``, from ``span`` (made for this ``m``) where it holds what is needed.
+
+    A step that does not learn keeps ``m`` and applies it to a new ``g``: what it
+    stores for the next step comes from here (``()`` in this default).
+    """
+    del span
+    return self.precondition(m, g), self.span(m, g)
 
   def clip_precondition_and_span(self, m: jax.Array, max_scale: float | None,
                                  g: jax.Array) -> tuple[jax.Array, jax.Array, tuple]:
-    """:meth:`clip_and_precondition` and the :meth:`span` of the clipped ``m``."""
+    """:meth:`clip_and_precondition` and the :meth:`span` of the clipped ``m`` and ``g``."""
     m, out = self.clip_and_precondition(m, max_scale, g)
-    return m, out, self.span(m)
+    return m, out, self.span(m, g)
 
   # --- the spectrum -----------------------------------------------------------------------
 

@@ -131,31 +131,45 @@ class LowRank(Structure):
     mu, w = _linalg.eigh(self._core(t))
     return q, t, mu, w
 
-  def span(self, m):
-    """``(M, Q, T, μ, W)``: ``M`` and its span basis and eigenpairs under the guard (``()`` without it).
+  def span(self, m, g):
+    """``(M, Q, T, μ, W, QᵀG)``: ``M``, its span basis and eigenpairs under the guard, and ``QᵀG`` (``()`` without the guard).
 
-    Kept in the state by :func:`fop_optax.scale_by_fop`, so that the next step's
+    Kept in the state by :func:`fop_optax.scale_by_fop` for the input ``g`` the
+    step preconditioned (the next step's ``G_{t-1}``), so that the next step's
     hypergradient and a step that does not learn reuse the basis and eigenpairs
-    this step computed, instead of a QR and an eigensolver each.
+    this step computed, instead of a QR and an eigensolver each, and the
+    hypergradient reuses ``QᵀG_{t-1}`` instead of a pass over ``G_{t-1}``.
     """
     if not self._clips or self._empty(m):
       return ()
-    return (m,) + tuple(self._span(m))
+    q, t, mu, w = self._span(m)
+    return (m, q, t, mu, w, _contract_rows(q, g.astype(q.dtype), self.row_axes))
 
-  def _span_of(self, m, span=()):
-    """The span basis and eigenpairs of ``m``, from ``span`` when it was made for this very ``m``.
+  def _span_of(self, m, span=(), g=None):
+    """The span basis and eigenpairs of ``m`` (and ``QᵀG`` for a given ``g``), from ``span`` when it was made for this very ``m``.
 
     A ``span`` for another ``m`` (the state's matrices replaced by hand, say) is
     never used: the check is exact equality, and the basis is then recomputed.
+    With ``g``, ``span``'s ``QᵀG`` is taken as that of ``g``: a ``span`` must
+    come from :meth:`span` (or the step that made it) for this ``g``, as
+    :func:`fop_optax.scale_by_fop` passes the previous step's span with the
+    gradient that step preconditioned.
     """
-    if not span:
-      return self._span(m)
-    # Both branches replicated under an explicit mesh, so that their types agree.
-    m0, cached = span[0], tuple(_sharding.replicate(x) for x in span[1:])
-    return _grouping.cond(jnp.array_equal(m0, m), lambda: cached,
-                          lambda: tuple(_sharding.replicate(x) for x in self._span(m)))
+    def fresh():
+      q, t, mu, w = self._span(m)
+      if g is None:
+        return q, t, mu, w
+      return q, t, mu, w, _contract_rows(q, g.astype(q.dtype), self.row_axes)
 
-  def init_span(self, m):
+    if not span:
+      return fresh()
+    # Both branches replicated under an explicit mesh, so that their types agree.
+    m0, cached = span[0], span[1:5] if g is None else span[1:]
+    return _grouping.cond(jnp.array_equal(m0, m),
+                          lambda: tuple(_sharding.replicate(x) for x in cached),
+                          lambda: tuple(_sharding.replicate(x) for x in fresh()))
+
+  def init_span(self, m, shape):
     """A span of zeros: no solver runs in ``init``.
 
     Its ``M`` (0) differs from ``init``'s (``U`` orthonormal), so the first step
@@ -164,7 +178,8 @@ class LowRank(Structure):
     """
     if not self._clips or self._empty(m):
       return ()
-    return tuple(jnp.zeros(x.shape, x.dtype) for x in jax.eval_shape(self.span, m))
+    like = jax.ShapeDtypeStruct(tuple(shape), m.dtype)
+    return tuple(jnp.zeros(x.shape, x.dtype) for x in jax.eval_shape(self.span, m, like))
 
   def _eigen(self, m):
     """``(λ, Φ)``: ``P``'s eigenvalues on ``span(Q)`` (ascending) and unit eigenvectors (a×k)."""
@@ -218,21 +233,29 @@ class LowRank(Structure):
     rows = self.row_axes
     if self._clips and not self._empty(m):
       q, _, mu, w = self._span_of(m, span)
-      return self._clipped_apply(q, mu, w, g)
+      return self._clipped_apply(q, mu, w, g)[0]
     s, _, _ = self._scale(m)
     left, right = self._factors(m)
     # P·G = G + L (Rᵀ G): two (a×2r)-wide products, each one pass over G.
     out = s * (x + _expand_rows(left, _contract_rows(right, x, rows), x, rows))
     return out.astype(g.dtype)
 
+  def precondition_and_span(self, m, g, span=()):
+    if not self._clips or self._empty(m):
+      return super().precondition_and_span(m, g, span)
+    q, t, mu, w = self._span_of(m, span)
+    out, qg = self._clipped_apply(q, mu, w, g)
+    return out, (m, q, t, mu, w, qg)
+
   def _clipped_apply(self, q, mu, w, g):
-    """``P̃·G = G + Q (W min(μ, B − 1) Wᵀ)(QᵀG)``: the same two passes over ``G`` as ``P·G``.
+    """``(P̃·G, QᵀG)``, ``P̃·G = G + Q (W min(μ, B − 1) Wᵀ)(QᵀG)``: two passes over ``G``, as ``P·G``.
 
     ``λ_max(P̃) ≤ B`` by construction (``Q`` orthonormal), whatever the rounding in ``Q``.
     """
     x = g.astype(q.dtype)
-    z = jnp.tensordot(self._clipped_core(mu, w), _contract_rows(q, x, self.row_axes), 1)
-    return (x + _expand_rows(q, z, x, self.row_axes)).astype(g.dtype)
+    qg = _contract_rows(q, x, self.row_axes)
+    z = jnp.tensordot(self._clipped_core(mu, w), qg, 1)
+    return (x + _expand_rows(q, z, x, self.row_axes)).astype(g.dtype), qg
 
   def hypergradient(self, m, g, g_prev, learning_rate, span=()):
     gt, gp = g.astype(m.dtype), g_prev.astype(m.dtype)
@@ -271,12 +294,13 @@ class LowRank(Structure):
     ``Q₁ = (I − ΦΦᵀ) C Φ`` and ``Q₂ = (I − ΦΦᵀ) Cᵀ Φ``. ``X = [V, MᵀU]`` lies in
     ``span(Q)`` (``X = Q X̃``), so ``(I − ΦΦᵀ)X = 0`` and every product with ``G_t``
     or ``G_p`` goes through ``QᵀG_t``, ``QᵀG_p``, ``CQ`` and ``CᵀQ``: four passes, as
-    without the guard.
+    without the guard, and three where ``span`` holds ``QᵀG_p`` (the previous step
+    computed it to precondition ``G_p``).
     """
     rows = self.row_axes
-    q, t, mu, w = self._span_of(m, span)
+    q, t, mu, w, tp = self._span_of(m, span, gp)   # QᵀG_p: the span's, when it is for this M
     lam = 1 + mu
-    tt, tp = _contract_rows(q, gt, rows), _contract_rows(q, gp, rows)   # QᵀG_t, QᵀG_p
+    tt = _contract_rows(q, gt, rows)                                       # QᵀG_t
     cq, ctq = _contract_cols(gt, tp, rows), _contract_cols(gp, tt, rows)   # C Q, Cᵀ Q
     qcq = _pair(tt, tp)                                                    # Qᵀ C Q
     r = t.shape[1] // 2
@@ -341,14 +365,15 @@ class LowRank(Structure):
     if self._empty(m) or not self._clips:
       return super().clip_and_precondition(m, max_scale, g)
     m, q, _, mu, w = self._clip_span(m, max_scale)
-    return m, self._clipped_apply(q, mu, w, g)
+    return m, self._clipped_apply(q, mu, w, g)[0]
 
   def clip_precondition_and_span(self, m, max_scale, g):
     max_scale = self._bound(max_scale)
     if self._empty(m) or not self._clips:
       return super().clip_precondition_and_span(m, max_scale, g)
     m, q, t, mu, w = self._clip_span(m, max_scale)
-    return m, self._clipped_apply(q, mu, w, g), (m, q, t, mu, w)
+    out, qg = self._clipped_apply(q, mu, w, g)
+    return m, out, (m, q, t, mu, w, qg)
 
   def _clip_span(self, m, max_scale):
     """``(clip(m), Q, T, μ, W)``: the clipped ``M`` and its span basis and eigenpairs, from one basis.
