@@ -7,21 +7,31 @@ trains each task of :data:`TASKS`:
 * ``mlp``: Fashion-MNIST, ``examples/common.py``'s ``MLP`` 784-256-256-10;
 * ``cnn``: Fashion-MNIST, ``examples/common.py``'s small All-CNN ``CNN`` (widths 32, 64);
 * ``ppo``: gymnax CartPole-v1 with ``examples/ppo.py``'s PPO (its ``make_gymnax_trainer``,
-  its config; the optimiser is chained after ``clip_by_global_norm(0.5)`` as there).
+  its config; the optimiser is chained after ``clip_by_global_norm(0.5)`` as there);
+* ``lm``: ``examples/lm.py``'s byte-level Transformer (2 layers, width 64, 4 heads, Einsum
+  attention, context 64; 136,704 parameters) on its corpus of 31 pinned CPython standard-library
+  files (the last 10% held out as validation text): ``--lm-steps`` (3000) steps of
+  ``--lm-batch`` (8) random training windows. The final metric is the **validation loss**
+  (nats/byte, lower is better) on ``--lm-valid-windows`` (256) fixed held-out windows, the
+  same for every entry and seed, also recorded every ``--lm-eval-every`` (100) steps.
 
 Per run it records the history (step, training wall seconds, running train loss or return,
-test accuracy), the first step and the training wall seconds at which the target is reached
-(``--target-mlp``/``--target-cnn``: test accuracy on ``--test-subset`` images; ``--target-ppo``:
-mean return of the last 5 PPO updates), and the final metric at the fixed budget (test
-accuracy on the whole test set; PPO: mean return over the last 10 updates). Each entry runs at
+test accuracy or the LM's validation loss), the first step and the training wall seconds at
+which the target is reached (``--target-mlp``/``--target-cnn``: test accuracy on
+``--test-subset`` images; ``--target-ppo``: mean return of the last 5 PPO updates;
+``--target-lm``: validation loss at or below it, default 2.0), and the final metric at the
+fixed budget (test accuracy on the whole test set; PPO: mean return over the last 10 updates;
+LM: the validation loss). Each entry runs at
 its published defaults and at every value of a small sweep (by default the learning rate ×
 0.1, 0.3, 1, 3; see ``Entry.grid``); the table gives, per task and entry, medians (min–max)
-over seeds at the default and at the best sweep value (highest median final metric: chosen on
-the same seeds it is reported on, so it is optimistic for every entry alike).
+over seeds at the default and at the best sweep value (highest median final metric, lowest for
+the LM's loss: chosen on the same seeds it is reported on, so it is optimistic for every entry
+alike). The LM's defaults are the classification ones (``Entry.default['lm']``).
 
 Same data for every entry: per seed the same model initialisation, the same permutation of
 the training set and (one-pass HPO) the same validation batches; PPO's environment keys are
-the same per seed (its data then depend on the policy). Wall time: compilation is done before
+the same per seed (its data then depend on the policy); the LM: per seed the same
+initialisation and the same sequence of training windows (``lm.train``'s keys). Wall time: compilation is done before
 the clock starts (ahead-of-time ``jit(...).lower().compile()``; K-FAC, whose steps compile
 inside its own ``jit``, by warm-up steps on copies), evaluation is excluded, and every step
 waits for its loss. Runs are interleaved (task → seed → sweep position → entry) so a change of
@@ -41,7 +51,13 @@ How an entry's step is driven (``Entry.drive``):
   dense/conv layers are found by kfac-jax's automatic graph matching.
 
 PPO passes the gradient only (``examples/ppo.py``'s update), so ``curvature``, ``hpo`` and
-``kfac`` entries are reported as not applicable there, with the reason.
+``kfac`` entries are reported as not applicable there, with the reason. The LM runs ``grad``
+and ``curvature`` entries (the closures are the batch's loss, the model's logits and the
+next-token cross-entropy); ``hpo`` (it would need a third split of the corpus) and ``kfac``
+(not wired up for the Einsum attention) are reported as not applicable on it. Muon on the LM
+takes the attention projections and MLP kernels as its matrices (``_muon_dims_lm``) and gives
+the embeddings, head, biases and norms to its Adam. ``fop_paper`` is the paper's FOP exactly
+(``max_scale=None``, ``hyper_optimizer=optax.adam(1e-4)``; ``examples/common.py``'s arm).
 
 Peers come from optional packages (``pip install -e ".[bench]"``: ``psgd-jax``, ``kfac-jax``);
 an entry whose package is missing or fails to import is listed with its reason instead of
@@ -54,6 +70,9 @@ wall time, ``--from-json`` re-prints a saved run), from the repository root::
   python3 -m benchmarks.leaderboard --smoke                   # every entry, every task, a few steps
   python3 -m benchmarks.leaderboard --tasks ppo --markdown    # CartPole, sweep, 3 seeds (~45 min)
   python3 -m benchmarks.leaderboard --tasks mlp --no-sweep --markdown          # ~1.5 h
+  python3 -m benchmarks.leaderboard --tasks lm --no-sweep --markdown \
+      --entries momentum,adam,fop,fop_paper,fop_adam,muon,psgd_kron \
+      --out results/leaderboard_lm.json --plot docs/img/leaderboard_lm.png     # ~1 h, see below
   python3 -m benchmarks.leaderboard --markdown --plot results/leaderboard.png  # everything (GPU)
   python3 -m benchmarks.leaderboard --from-json results/leaderboard.json --markdown > docs/leaderboard.md
 
@@ -74,8 +93,16 @@ extrapolate:
   hit ``--run-time-limit`` (30 min); **~30 h** for the sweep on 2 CPU cores: use an accelerator,
   or ``--no-sweep --entries`` without ``kfac,series_sfn,lodo`` (~3 h).
 * PPO: ~14 s compilation and 30-60 ms per update per run, 132 runs: **~45 min**.
+* LM (``--tasks lm``, 3000 steps, no sweep): measured at full size, 1-min load 5-15 (other
+  sessions' runs on the same 2 cores), ms/step momentum 19, Adam 22, Muon 28, FOP 35, FOP+Adam
+  38, the paper's FOP 32, PSGD kron 34, AdamQLR 35 (a 60-step probe), LODO 585, series SFN
+  1,260 (probe); with compilation (15-40 s) 1.5-3.5 min a run. The seven cheap entries the
+  issue names, 3 seeds: **44 min** (2657 s, 21 runs); LODO would take ~30 min a seed, so it ran one
+  seed under ``--run-time-limit 240`` (stopped at step 411). ``--smoke --tasks lm`` (a 1-layer
+  width-16 model, 3 steps): 89 s for 8 entries at load 4-6, compilation nearly all of it.
 
-So on this machine: ``--tasks ppo`` and ``--tasks mlp --no-sweep`` are practical; the whole
+So on this machine: ``--tasks ppo``, ``--tasks mlp --no-sweep`` and ``--tasks lm --no-sweep``
+without LODO and series SFN are practical; the whole
 board needs a GPU (or days). Measured when they ran (docs/leaderboard.md, load 1.4-5.8): MLP
 ``--no-sweep``, 3 seeds, 89 min (LODO 2.9 s/step, stopped by ``--run-time-limit`` after 618
 steps; series SFN 0.66 s/step); the MLP sweep without LODO and series SFN (3 seeds, 119 runs:
