@@ -4,12 +4,13 @@ Adam on the MLP 784-256-256-10: step time and a short Fashion-MNIST run.
 ``--timing``: the jit-compiled training step (forward, backward, update, ``apply_updates``) on
 one fixed batch of 128, each arm ``--steps`` steps per round, the arms' order rotating every
 round; an arm's time in a round is its mean step time over those steps (so Shampoo's
-preconditioner recomputation every k steps is amortised: ``--steps`` is a multiple of 50),
+preconditioner recomputation every k steps is amortised: keep ``--steps`` a multiple of k),
 divided by momentum's in the same round. Reported: median ratio [min–max] over rounds.
 
-``--train``: 2 epochs of 55,000 Fashion-MNIST training images (a seed-0 permutation of the
-60,000; the last 5,000 held out, as in benchmarks/leaderboard.py), batch 128, the same seed,
-initialisation and batch order for every arm; test accuracy on the 10,000 test images.
+``--train``: 2 epochs of 55,000 Fashion-MNIST training images (the first 55,000 of a seed-0
+permutation of the 60,000; the leaderboard holds out the last 5,000 in file order), batch 128,
+the same seed, initialisation and batch order for every arm; test accuracy on the 10,000
+test images.
 
 Run from the repository root: ``python3 -m benchmarks.shampoo_peer --timing`` and
 ``python3 -m benchmarks.shampoo_peer --train`` (``--out JSON``, default
