@@ -95,10 +95,10 @@ extrapolate:
 * PPO: ~14 s compilation and 30-60 ms per update per run, 132 runs: **~45 min**.
 * LM (``--tasks lm``, 3000 steps, no sweep): measured at full size, 1-min load 5-15 (other
   sessions' runs on the same 2 cores), ms/step momentum 19, Adam 22, Muon 28, FOP 35, FOP+Adam
-  38, the paper's FOP 32, PSGD kron 34, AdamQLR 35 (a 60-step probe), LODO 585, series SFN
-  1,260 (probe); with compilation (15-40 s) 1.5-3.5 min a run. The seven cheap entries the
-  issue names, 3 seeds: **44 min** (2657 s, 21 runs); LODO would take ~30 min a seed, so it ran one
-  seed under ``--run-time-limit 240`` (stopped at step 411). ``--smoke --tasks lm`` (a 1-layer
+  38, the paper's FOP 32, PSGD kron 34, AdamQLR 24, LODO 585, series SFN 1,260 (a 60-step
+  probe); with compilation (15-40 s) 1.5-3.5 min a run. The seven cheap entries the issue
+  names, 3 seeds: **44 min** (2657 s, 21 runs); AdamQLR's 3 seeds 5 min; LODO would take ~30 min
+  a seed, so it ran one seed under ``--run-time-limit 240`` (stopped at step 411). ``--smoke --tasks lm`` (a 1-layer
   width-16 model, 3 steps): 89 s for 8 entries at load 4-6, compilation nearly all of it.
 
 So on this machine: ``--tasks ppo``, ``--tasks mlp --no-sweep`` and ``--tasks lm --no-sweep``
