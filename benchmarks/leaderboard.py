@@ -1,7 +1,9 @@
 """One leaderboard for the whole fop_optax family and the optimisers users would pick instead.
 
 Every entry of :data:`ENTRIES` (fop_optax's optimisers and the peers: momentum, Adam,
-``optax.contrib.muon``, PSGD kron from ``psgd-jax``, K-FAC from ``kfac-jax``, Shampoo/SOAP)
+``optax.contrib.muon``, PSGD kron from ``psgd-jax``, K-FAC from ``kfac-jax`` (its quick-start
+configuration, and its authors' minibatch recipe: ``benchmarks/_kfac_recipe.py``), Shampoo from
+``precondition-opt``: ``benchmarks/_shampoo.py``)
 trains each task of :data:`TASKS`:
 
 * ``mlp``: Fashion-MNIST, ``examples/common.py``'s ``MLP`` 784-256-256-10;
@@ -59,10 +61,13 @@ takes the attention projections and MLP kernels as its matrices (``_muon_dims_lm
 the embeddings, head, biases and norms to its Adam. ``fop_paper`` is the paper's FOP exactly
 (``max_scale=None``, ``hyper_optimizer=optax.adam(1e-4)``; ``examples/common.py``'s arm).
 
-Peers come from optional packages (``pip install -e ".[bench]"``: ``psgd-jax``, ``kfac-jax``);
-an entry whose package is missing or fails to import is listed with its reason instead of
-being dropped. No Shampoo/SOAP for JAX installs and runs here (see ``docs/benchmarks.md``), so
-that row is always a skip with its reason.
+Peers come from optional packages (``pip install -e ".[bench]"``: ``psgd-jax``, ``kfac-jax``,
+``precondition-opt``); an entry whose package is missing or fails to import is listed with its
+reason instead of being dropped. Shampoo is precondition-opt's ``distributed_shampoo`` with its
+authors' presets (docs/benchmarks.md §10: ~200x momentum's step on 2 CPU cores with roots every
+step, so the full board with it needs an accelerator). The K-FAC recipe entries (one per damping
+of its grid, the peak learning rate swept) were added after the board of docs/leaderboard.md
+ran: they are not in its tables yet.
 
 Commands (``--out`` JSON, ``--markdown`` prints the table, ``--plot PNG`` loss/return against
 wall time, ``--from-json`` re-prints a saved run), from the repository root::
@@ -140,6 +145,8 @@ import optax
 
 import fop_optax
 from benchmarks import _harness as H
+from benchmarks import _shampoo
+from benchmarks._kfac_recipe import RECIPE_GRID, recipe_make
 from benchmarks.time_to_target import _muon_dims  # shared with benchmarks/time_to_target.py
 from examples.common import CNN, MLP, load_dataset, save_figure
 from flax import nnx
@@ -338,11 +345,19 @@ ENTRIES: dict[str, Entry] = {e.name: e for e in [
     Entry('kfac', 'K-FAC (kfac-jax)', _kfac_make, {'classify': None, 'ppo': None, 'lm': None},
           {'classify': [1e-3, 1e-2, 1e-1], 'ppo': None, 'lm': None}, drive='kfac', family='peer',
           requires='kfac_jax'),
-    Entry('shampoo', 'Shampoo/SOAP', lambda lr, t: None,
-          {'classify': None, 'ppo': None, 'lm': None},
-          {'classify': None, 'ppo': None, 'lm': None}, family='peer',
-          always_skip='no Shampoo or SOAP for JAX on PyPI installs and runs here: optax-shampoo '
-          '0.0.6 is an empty package, optax.contrib 0.2.8 has neither (docs/benchmarks.md)'),
+    # K-FAC per its authors' minibatch recipe (benchmarks/_kfac_recipe.py: fixed damping,
+    # warm-up + cosine rate, norm constraint, burn-in; each value cited there): one entry per
+    # damping of the recipe's grid, the peak learning rate swept.
+    *[Entry(f'kfac_recipe_d{d:g}', f'K-FAC recipe, damping {d:g} (kfac-jax)', recipe_make(d),
+            {'classify': 1e-3, 'ppo': None, 'lm': None},
+            {'classify': list(RECIPE_GRID['learning_rate']), 'ppo': None, 'lm': None},
+            drive='kfac', family='peer', requires='kfac_jax', sweep='peak learning_rate')
+      for d in RECIPE_GRID['damping']],
+    # Shampoo from precondition-opt (Google Research's distributed_shampoo; benchmarks/_shampoo.py
+    # has its presets and the JAX >= 0.6 shim): SGD-grafted, so momentum's rates; the LM preset's
+    # Adam-type rate.
+    _entry('shampoo', 'Shampoo (precondition-opt)', lambda lr, t: _shampoo.shampoo(lr, t),
+           0.05, 0.1, lm=1e-3, family='peer', requires='precondition'),
 ]}
 
 
@@ -356,6 +371,8 @@ def skip_reason(entry: Entry, task: str) -> Optional[str]:
         _import_kfac()
       elif entry.requires == 'psgd_jax':
         _import_psgd_kron()
+      elif entry.requires == 'precondition':
+        _shampoo._import_shampoo()   # a bare import succeeds where init would fail
       else:
         importlib.import_module(entry.requires)
     except Exception as e:  # noqa: BLE001  (a missing package or one that fails to import)
@@ -458,7 +475,10 @@ def run_classify(task, entry, value, seed, args):
       logits = apply(p, data[0])
       kfac_jax.register_softmax_cross_entropy_loss(logits, data[1])
       return ce(logits, data[1])
-    opt = entry.make(value, task)(kfac_loss)
+    factory = entry.make(value, task)
+    # The recipe's learning-rate schedule needs the run's length (benchmarks/_kfac_recipe.py).
+    opt = (factory(kfac_loss, total_steps=steps)
+           if getattr(factory, 'needs_total_steps', False) else factory(kfac_loss))
     opt_state = opt.init(params, batch(0))
     # Warm-up on copies: kfac-jax compiles inside its own jit, one program per kind of step
     # (curvature/inverse updates every few steps), so run a few steps off the clock.
