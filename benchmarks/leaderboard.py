@@ -432,6 +432,46 @@ def classify_data(args):
   return _DATA_CACHE[key]
 
 
+def _train_loop(do_step, params, opt_state, steps, args, eval_every, evaluate, reached):
+  """The board's timed loop, shared by the classifiers and the LM.
+
+  ``do_step(params, state, i) -> (params, state, loss)``; the clock counts the steps only
+  (each waits for its loss), not ``evaluate(params)`` (every ``eval_every`` steps and at the
+  end), whose value ``reached(value)`` tests against the target. Stops at a non-finite train
+  loss or evaluation (recorded as ``None``), or past ``args.run_time_limit`` seconds. Returns
+  ``(params, loop)``: ``loop`` holds ``history`` (step, seconds, running train loss, metric),
+  the last ``loss``, ``stopped``, ``clock``, ``ema`` and the result's ``timing`` fields.
+  """
+  history, ema, clock, hit, loss, stopped, i = [], None, 0.0, None, float('nan'), False, -1
+  for i in range(steps):
+    t0 = time.perf_counter()
+    params, opt_state, loss = do_step(params, opt_state, i)
+    loss = float(loss)  # waits for the step
+    clock += time.perf_counter() - t0
+    ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+    stopped = bool(args.run_time_limit and clock > args.run_time_limit and i + 1 < steps)
+    last = i + 1 == steps or stopped
+    if not np.isfinite(loss):
+      history.append((i + 1, round(clock, 4), None, None))
+      break
+    if (i + 1) % eval_every == 0 or last:
+      value = evaluate(params)
+      if not np.isfinite(value):
+        loss = value   # a non-finite evaluation is a divergence too
+        history.append((i + 1, round(clock, 4), round(ema, 5), None))
+        break
+      history.append((i + 1, round(clock, 4), round(ema, 5), round(value, 5)))
+      if hit is None and reached(value):
+        hit = (i + 1, clock)
+    if stopped:
+      break
+  timing = dict(wall_s=clock, ms_per_step=1e3 * clock / max(i + 1, 1),
+                target_step=hit and hit[0], target_wall_s=hit and hit[1],
+                stopped_at=(i + 1) if stopped else None)
+  return params, dict(history=history, loss=loss, stopped=stopped, clock=clock, ema=ema,
+                      timing=timing)
+
+
 def run_classify(task, entry, value, seed, args):
   x_train, y_train, x_val, y_val, x_test, y_test = classify_data(args)
   model = (MLP(int(np.prod(x_train.shape[1:])), hidden=args.mlp_hidden, rngs=nnx.Rngs(seed))
@@ -511,35 +551,18 @@ def run_classify(task, entry, value, seed, args):
     def do_step(p, s, i):
       return compiled(p, s, *batch(i), *val_batch(i))
 
-  history, ema, clock, hit = [], None, 0.0, None
-  for i in range(steps):
-    t0 = time.perf_counter()
-    params, opt_state, loss = do_step(params, opt_state, i)
-    loss = float(loss)  # waits for the step
-    clock += time.perf_counter() - t0
-    ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-    stopped = args.run_time_limit and clock > args.run_time_limit and i + 1 < steps
-    last = i + 1 == steps or stopped
-    if not np.isfinite(loss):
-      history.append((i + 1, round(clock, 4), None, None))
-      break
-    if (i + 1) % args.eval_every == 0 or last:
-      acc = float(accuracy(params, xt, yt))
-      history.append((i + 1, round(clock, 4), round(ema, 5), round(acc, 5)))
-      if hit is None and acc >= args.target[task]:
-        hit = (i + 1, clock)
-    if stopped:
-      break
+  params, loop = _train_loop(
+      do_step, params, opt_state, steps, args, args.eval_every,
+      lambda p: float(accuracy(p, xt, yt)), lambda acc: acc >= args.target[task])
+  history, loss, stopped, clock, ema = (loop[k] for k in ('history', 'loss', 'stopped', 'clock', 'ema'))
   final = None
   if np.isfinite(loss) and not stopped:
     n_final = args.final_test or len(x_test)   # in chunks of the compiled test shape
     final = float(np.mean([float(accuracy(params, jnp.asarray(x_test[j:j + len(xt)]),
                                           jnp.asarray(y_test[j:j + len(xt)])))
                            for j in range(0, n_final - len(xt) + 1, len(xt))]))
-  return dict(steps=steps, wall_s=clock, ms_per_step=1e3 * clock / max(i + 1, 1),
-              final=final, final_train_loss=ema if np.isfinite(loss) else None,
-              target_step=hit and hit[0], target_wall_s=hit and hit[1], history=history,
-              stopped_at=(i + 1) if stopped else None)
+  return dict(steps=steps, final=final, final_train_loss=ema if np.isfinite(loss) else None,
+              history=history, **loop['timing'])
 
 
 def ppo_config(args):
@@ -636,36 +659,15 @@ def run_lm(task, entry, value, seed, args):
   compiled = jax.jit(step).lower(params, opt_state, keys[0]).compile()
   valid_loss = jax.jit(lm.loss_fn).lower(params, valid).compile()
 
-  history, ema, clock, hit = [], None, 0.0, None
-  for i in range(steps):
-    t0 = time.perf_counter()
-    params, opt_state, loss = compiled(params, opt_state, keys[i])
-    loss = float(loss)  # waits for the step
-    clock += time.perf_counter() - t0
-    ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-    stopped = args.run_time_limit and clock > args.run_time_limit and i + 1 < steps
-    last = i + 1 == steps or stopped
-    if not np.isfinite(loss):
-      history.append((i + 1, round(clock, 4), None, None))
-      break
-    if (i + 1) % args.lm_eval_every == 0 or last:
-      v = float(valid_loss(params, valid))
-      if not np.isfinite(v):
-        loss = v   # a non-finite validation loss is a divergence too
-        history.append((i + 1, round(clock, 4), round(ema, 5), None))
-        break
-      history.append((i + 1, round(clock, 4), round(ema, 5), round(v, 5)))
-      if hit is None and v <= args.target[task]:
-        hit = (i + 1, clock)
-    if stopped:
-      break
+  params, loop = _train_loop(
+      lambda p, s, i: compiled(p, s, keys[i]), params, opt_state, steps, args, args.lm_eval_every,
+      lambda p: float(valid_loss(p, valid)), lambda v: v <= args.target[task])
+  history, loss, stopped, ema = (loop[k] for k in ('history', 'loss', 'stopped', 'ema'))
   ok = np.isfinite(loss) and not stopped
   final = history[-1][3] if ok else None
-  return dict(steps=steps, wall_s=clock, ms_per_step=1e3 * clock / max(i + 1, 1),
-              final=final, final_train_loss=ema if ok else None,
-              target_step=hit and hit[0], target_wall_s=hit and hit[1], history=history,
-              stopped_at=(i + 1) if stopped else None, valid_windows=int(valid.shape[0]),
-              param_count=lm.param_count(params))
+  return dict(steps=steps, final=final, final_train_loss=ema if ok else None, history=history,
+              valid_windows=int(valid.shape[0]), param_count=lm.param_count(params),
+              **loop['timing'])
 
 
 def run_one(task, entry, value, seed, args):
