@@ -270,3 +270,23 @@ def test_lm_ranks_lower_validation_loss_first():
                                                  lm_seq=64)))
   assert 'target validation loss ≤ 2.0' in text
   assert text.index('| Adam |') < text.index('| momentum |')
+
+
+def test_classifier_best_value_is_chosen_on_validation_and_reports_its_test_accuracy():
+  """mlp/cnn: the sweep's best value is the one with the higher median *validation* accuracy
+  (the held-out split), and the board reports that value's test accuracy, even where another
+  value has the higher test accuracy."""
+  runs = []
+  for value, val, test in ((0.05, [0.86, 0.87, 0.85], [0.90, 0.91, 0.89]),
+                           (0.15, [0.88, 0.89, 0.88], [0.84, 0.85, 0.83])):
+    for seed, (v, t) in enumerate(zip(val, test)):
+      runs.append(dict(task='mlp', entry='momentum', value=value, seed=seed, final=t,
+                       final_val=v, target_step=None, target_wall_s=None, ms_per_step=1.0,
+                       error=None, history=[]))
+  (row,) = leaderboard.board(runs, {}, ['momentum'])
+  assert row['best']['value'] == 0.15
+  assert row['best']['final']['median'] == pytest.approx(0.84)
+  assert row['best']['final_val']['median'] == pytest.approx(0.88)
+  # Records without a validation metric (PPO, the LM, older boards) are chosen on the final one.
+  old = [{k: v for k, v in r.items() if k != 'final_val'} for r in runs]
+  assert leaderboard.board(old, {}, ['momentum'])[0]['best']['value'] == 0.05
