@@ -444,7 +444,7 @@ def _train_loop(do_step, params, opt_state, steps, args, eval_every, evaluate, r
   end), whose value ``reached(value)`` tests against the target. Stops at a non-finite train
   loss or evaluation (recorded as ``None``), or past ``args.run_time_limit`` seconds. Returns
   ``(params, loop)``: ``loop`` holds ``history`` (step, seconds, running train loss, metric),
-  the last ``loss``, ``stopped``, ``clock``, ``ema`` and the result's ``timing`` fields.
+  the last ``loss``, ``stopped``, ``ema`` and the result's ``timing`` fields.
   """
   history, ema, clock, hit, loss, stopped, i = [], None, 0.0, None, float('nan'), False, -1
   for i in range(steps):
@@ -472,8 +472,7 @@ def _train_loop(do_step, params, opt_state, steps, args, eval_every, evaluate, r
   timing = dict(wall_s=clock, ms_per_step=1e3 * clock / max(i + 1, 1),
                 target_step=hit and hit[0], target_wall_s=hit and hit[1],
                 stopped_at=(i + 1) if stopped else None)
-  return params, dict(history=history, loss=loss, stopped=stopped, clock=clock, ema=ema,
-                      timing=timing)
+  return params, dict(history=history, loss=loss, stopped=stopped, ema=ema, timing=timing)
 
 
 def run_classify(task, entry, value, seed, args):
@@ -558,7 +557,7 @@ def run_classify(task, entry, value, seed, args):
   params, loop = _train_loop(
       do_step, params, opt_state, steps, args, args.eval_every,
       lambda p: float(accuracy(p, xt, yt)), lambda acc: acc >= args.target[task])
-  history, loss, stopped, clock, ema = (loop[k] for k in ('history', 'loss', 'stopped', 'clock', 'ema'))
+  history, loss, stopped, ema = (loop[k] for k in ('history', 'loss', 'stopped', 'ema'))
   final = final_val = None
   if np.isfinite(loss) and not stopped:
     def chunked(xs, ys, n):   # in whole chunks of the compiled test shape

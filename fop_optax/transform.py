@@ -396,7 +396,8 @@ def scale_by_fop(
     # The online step (fop_optax.online) with FOP's closed-form hypergradient,
     # the default Adam's per-leaf calibration and the guard as its projection.
     # w = (M's tree, their spans' list): the hyper step moves the M's only; the spans
-    # it leaves stale are replaced by project_and_apply's, made for the new M's.
+    # stay as they came (for the previous M's), and the spans to keep come out of
+    # apply and project_and_apply beside P·G, made for the M's and inputs they used.
     def hypergradients(w, last_gradient, gradient):
       ms, spans = w
       return m_def.unflatten(_replicate_matrices(structs, per_leaf(
@@ -425,11 +426,12 @@ def scale_by_fop(
               _replicate_matrices(structs, [span for _, span in pairs], gs))
 
     def project_and_apply(w, inputs):
-      ms, _ = w
+      ms, spans_before = w
       triples = per_leaf(project_and_precondition, jax.tree.leaves(ms), inputs)
-      spans = _replicate_matrices(structs, [span for _, _, span in triples], gs)
       return ((m_def.unflatten(_replicate_matrices(structs, [m for m, _, _ in triples], gs)),
-               spans), ([out for _, out, _ in triples], spans))
+               spans_before),
+              ([out for _, out, _ in triples],
+               _replicate_matrices(structs, [span for _, _, span in triples], gs)))
 
     # The first call has no previous step to learn from; with update_every = k only
     # calls k, 2k, ... learn. lax.cond: the skipped calls do none of the work.

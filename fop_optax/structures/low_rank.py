@@ -142,8 +142,7 @@ class LowRank(Structure):
     """
     if not self._clips or self._empty(m):
       return ()
-    q, t, mu, w = self._span(m)
-    return (m, q, t, mu, w, _contract_rows(q, g.astype(q.dtype), self.row_axes))
+    return (m,) + self._span_of(m, g=g)
 
   def _span_of(self, m, span=(), g=None):
     """The span basis and eigenpairs of ``m`` (and ``QᵀG`` for a given ``g``), from ``span`` when it was made for this very ``m``.
